@@ -1,0 +1,135 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include <inttypes.h>
+
+#include "api.h"
+#include "json-util.h"
+#include "request.h"
+
+void api_health(Request *r) {
+        Manager *m = r->manager;
+        g_autoptr(JsonBuilder) b = json_builder_new_immutable();
+        size_t size;
+        char *json;
+
+        json_builder_begin_object(b);
+        json_builder_set_member_name(b, "status");
+        json_builder_add_string_value(b, m->stopping ? "stopping" : "ok");
+        json_builder_set_member_name(b, "version");
+        json_builder_add_string_value(b, PACKAGE_VERSION);
+        json_builder_set_member_name(b, "default_provider");
+        json_builder_add_string_value(b, m->router->default_provider);
+        json_builder_set_member_name(b, "uptime_sec");
+        json_builder_add_int_value(b, (gint64) ((now_usec(CLOCK_MONOTONIC) - m->started_usec) / USEC_PER_SEC));
+        json_builder_set_member_name(b, "requests_in_flight");
+        json_builder_add_int_value(b, m->n_requests > 0 ? m->n_requests - 1 : 0); /* not counting this one */
+        json_builder_set_member_name(b, "providers");
+        json_builder_begin_object(b);
+        for (guint i = 0; i < m->router->providers->len; i++) {
+                ProviderConfig *p = m->router->providers->pdata[i];
+                ProviderStats *s = g_hash_table_lookup(m->stats->providers, p->name);
+
+                json_builder_set_member_name(b, p->name);
+                json_builder_begin_object(b);
+                json_builder_set_member_name(b, "kind");
+                json_builder_add_string_value(b, provider_kind_to_string(p->kind));
+                if (p->base_url) {
+                        json_builder_set_member_name(b, "base_url");
+                        json_builder_add_string_value(b, p->base_url);
+                }
+                json_builder_set_member_name(b, "state");
+                json_builder_add_string_value(b, p->kind == PROVIDER_KIND_ECHO ? "up" : provider_stats_state(s));
+                json_builder_set_member_name(b, "default");
+                json_builder_add_boolean_value(b, streq(p->name, m->router->default_provider));
+                json_builder_set_member_name(b, "in_flight");
+                json_builder_add_int_value(b, s ? s->in_flight : 0);
+                json_builder_set_member_name(b, "requests");
+                json_builder_add_int_value(b, s ? (gint64) s->requests : 0);
+                json_builder_set_member_name(b, "errors");
+                json_builder_add_int_value(b, s ? (gint64) s->errors : 0);
+                json_builder_end_object(b);
+        }
+        json_builder_end_object(b);
+        json_builder_end_object(b);
+
+        json = json_builder_to_string(b, &size);
+        request_respond_json(r, m->stopping ? MHD_HTTP_SERVICE_UNAVAILABLE : MHD_HTTP_OK, json, size);
+}
+
+static void metric_header(GString *s, const char *name, const char *type, const char *help) {
+        g_string_append_printf(s, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+void api_metrics(Request *r) {
+        Manager *m = r->manager;
+        GString *s = g_string_sized_new(4096);
+        GPtrArray *providers = m->router->providers;
+        struct MHD_Response *resp;
+        size_t size;
+
+        /* The same figures as GetStats(), in the Prometheus text format. */
+#define FOR_EACH_PROVIDER(p, st)                                                                      \
+        for (guint _i = 0; _i < providers->len; _i++)                                                 \
+                for (ProviderConfig *p = providers->pdata[_i]; p; p = NULL)                           \
+                        for (ProviderStats *st = stats_get(m->stats, p->name); st; st = NULL)
+
+        metric_header(s, "provider_router_requests_total", "counter", "Requests routed to the provider.");
+        FOR_EACH_PROVIDER(p, st)
+                g_string_append_printf(s, "provider_router_requests_total{provider=\"%s\"} %" PRIu64 "\n", p->name, st->requests);
+        metric_header(s, "provider_router_streams_total", "counter", "Streamed requests routed to the provider.");
+        FOR_EACH_PROVIDER(p, st)
+                g_string_append_printf(s, "provider_router_streams_total{provider=\"%s\"} %" PRIu64 "\n", p->name, st->streams);
+        metric_header(s, "provider_router_errors_total", "counter", "Failed requests by class.");
+        FOR_EACH_PROVIDER(p, st)
+                for (int c = 0; c < _ERROR_CLASS_MAX; c++)
+                        g_string_append_printf(s, "provider_router_errors_total{provider=\"%s\",class=\"%s\"} %" PRIu64 "\n",
+                                               p->name, error_class_to_string(c), st->errors_by_class[c]);
+        metric_header(s, "provider_router_in_flight", "gauge", "Requests being served by the provider now.");
+        FOR_EACH_PROVIDER(p, st)
+                g_string_append_printf(s, "provider_router_in_flight{provider=\"%s\"} %u\n", p->name, st->in_flight);
+        metric_header(s, "provider_router_request_duration_seconds", "summary", "Whole request duration.");
+        FOR_EACH_PROVIDER(p, st) {
+                g_string_append_printf(s, "provider_router_request_duration_seconds{provider=\"%s\",quantile=\"0.5\"} %.6f\n",
+                                       p->name, (double) histogram_percentile(&st->latency, 0.5) / USEC_PER_SEC);
+                g_string_append_printf(s, "provider_router_request_duration_seconds{provider=\"%s\",quantile=\"0.99\"} %.6f\n",
+                                       p->name, (double) histogram_percentile(&st->latency, 0.99) / USEC_PER_SEC);
+                g_string_append_printf(s, "provider_router_request_duration_seconds_sum{provider=\"%s\"} %.6f\n",
+                                       p->name, (double) st->latency.sum / USEC_PER_SEC);
+                g_string_append_printf(s, "provider_router_request_duration_seconds_count{provider=\"%s\"} %" PRIu64 "\n",
+                                       p->name, st->latency.count);
+        }
+        metric_header(s, "provider_router_first_byte_seconds", "summary", "Time until the provider's first byte.");
+        FOR_EACH_PROVIDER(p, st) {
+                g_string_append_printf(s, "provider_router_first_byte_seconds{provider=\"%s\",quantile=\"0.5\"} %.6f\n",
+                                       p->name, (double) histogram_percentile(&st->ttfb, 0.5) / USEC_PER_SEC);
+                g_string_append_printf(s, "provider_router_first_byte_seconds{provider=\"%s\",quantile=\"0.99\"} %.6f\n",
+                                       p->name, (double) histogram_percentile(&st->ttfb, 0.99) / USEC_PER_SEC);
+                g_string_append_printf(s, "provider_router_first_byte_seconds_sum{provider=\"%s\"} %.6f\n",
+                                       p->name, (double) st->ttfb.sum / USEC_PER_SEC);
+                g_string_append_printf(s, "provider_router_first_byte_seconds_count{provider=\"%s\"} %" PRIu64 "\n",
+                                       p->name, st->ttfb.count);
+        }
+        metric_header(s, "provider_router_request_bytes_total", "counter", "Request bytes sent to the provider.");
+        FOR_EACH_PROVIDER(p, st)
+                g_string_append_printf(s, "provider_router_request_bytes_total{provider=\"%s\"} %" PRIu64 "\n", p->name, st->bytes_in);
+        metric_header(s, "provider_router_response_bytes_total", "counter", "Answer bytes relayed to clients.");
+        FOR_EACH_PROVIDER(p, st)
+                g_string_append_printf(s, "provider_router_response_bytes_total{provider=\"%s\"} %" PRIu64 "\n", p->name, st->bytes_out);
+        metric_header(s, "provider_router_tokens_total", "counter", "Tokens reported by the provider.");
+        FOR_EACH_PROVIDER(p, st) {
+                g_string_append_printf(s, "provider_router_tokens_total{provider=\"%s\",type=\"prompt\"} %" PRIu64 "\n",
+                                       p->name, st->prompt_tokens);
+                g_string_append_printf(s, "provider_router_tokens_total{provider=\"%s\",type=\"completion\"} %" PRIu64 "\n",
+                                       p->name, st->completion_tokens);
+        }
+        metric_header(s, "provider_router_rejected_total", "counter", "Requests refused before a provider was chosen.");
+        g_string_append_printf(s, "provider_router_rejected_total %" PRIu64 "\n", m->stats->rejected);
+        metric_header(s, "provider_router_http_requests_total", "counter", "HTTP requests of any kind.");
+        g_string_append_printf(s, "provider_router_http_requests_total %" PRIu64 "\n", m->stats->http_requests);
+#undef FOR_EACH_PROVIDER
+
+        size = s->len;
+        resp = MHD_create_response_from_buffer_with_free_callback(size, g_string_free(s, FALSE), g_free);
+        (void) MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8");
+        r->bytes_out = size;
+        request_respond(r, MHD_HTTP_OK, resp);
+}

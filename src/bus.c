@@ -1,0 +1,466 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include <unistd.h>
+
+#include "bus.h"
+#include "log.h"
+#include "request.h"
+
+#define BUS_NAME "org.providerrouter.Router1"
+#define BUS_PATH "/org/providerrouter/Router1"
+#define BUS_INTERFACE "org.providerrouter.Router1"
+#define POLKIT_ACTION "org.providerrouter.Router1.manage"
+
+#define BUS_ERROR_NO_SUCH_PROVIDER "org.providerrouter.Router1.Error.NoSuchProvider"
+#define BUS_ERROR_NO_SUCH_MAPPING "org.providerrouter.Router1.Error.NoSuchMapping"
+#define BUS_ERROR_INVALID_MODEL "org.providerrouter.Router1.Error.InvalidModel"
+#define BUS_ERROR_CONFIG_INVALID "org.providerrouter.Router1.Error.ConfigInvalid"
+
+typedef int (*AuthorizedFunc)(sd_bus_message *message, Manager *m, sd_bus_error *error);
+
+/* A method call waiting for polkit's answer. */
+typedef struct PendingAuth {
+        Manager *manager;
+        sd_bus_message *message;
+        sd_bus_slot *slot;
+        AuthorizedFunc func;
+} PendingAuth;
+
+typedef struct BusData {
+        GList *pending;      /* PendingAuth* */
+        sd_bus_slot *object_slot;
+} BusData;
+
+static PendingAuth *pending_auth_free(PendingAuth *p) {
+        if (!p)
+                return NULL;
+        sd_bus_slot_unref(p->slot);
+        sd_bus_message_unref(p->message);
+        g_free(p);
+        return NULL;
+}
+
+static void pending_auth_destroy(gpointer p) {
+        pending_auth_free(p);
+}
+
+static int reply_with(sd_bus_message *message, int r, sd_bus_error *error) {
+        if (r < 0) {
+                if (sd_bus_error_is_set(error))
+                        return sd_bus_reply_method_error(message, error);
+                return sd_bus_reply_method_errno(message, r, NULL);
+        }
+        return sd_bus_reply_method_return(message, NULL);
+}
+
+static int polkit_reply(sd_bus_message *reply, void *userdata, sd_bus_error *ret_error) {
+        PendingAuth *p = userdata;
+        Manager *m = p->manager;
+        BusData *d = m->bus_data;
+        sd_bus_error error = SD_BUS_ERROR_NULL;
+        int authorized = 0, challenge = 0, r;
+
+        d->pending = g_list_remove(d->pending, p);
+
+        if (sd_bus_message_is_method_error(reply, NULL)) {
+                const sd_bus_error *e = sd_bus_message_get_error(reply);
+                log_debug("polkit check failed: %s", e ? e->message : "unknown error");
+                r = sd_bus_error_setf(&error, SD_BUS_ERROR_ACCESS_DENIED,
+                                      "Changing routing needs root or polkit authorization, and polkit could not be asked: %s",
+                                      e && e->message ? e->message : "no answer");
+                goto finish;
+        }
+
+        r = sd_bus_message_enter_container(reply, 'r', "bba{ss}");
+        if (r >= 0)
+                r = sd_bus_message_read(reply, "bb", &authorized, &challenge);
+        if (r < 0) {
+                r = sd_bus_error_setf(&error, SD_BUS_ERROR_ACCESS_DENIED, "Malformed answer from polkit.");
+                goto finish;
+        }
+
+        if (authorized) {
+                (void) sd_bus_message_rewind(p->message, true);
+                r = p->func(p->message, m, &error);
+        } else if (challenge)
+                r = sd_bus_error_setf(&error, SD_BUS_ERROR_INTERACTIVE_AUTHORIZATION_REQUIRED,
+                                      "Interactive authentication is required to change routing.");
+        else
+                r = sd_bus_error_setf(&error, SD_BUS_ERROR_ACCESS_DENIED,
+                                      "Not authorized to change routing (polkit action " POLKIT_ACTION ").");
+
+finish:
+        (void) reply_with(p->message, r, &error);
+        sd_bus_error_free(&error);
+        pending_auth_free(p);
+        return 0;
+}
+
+/* Root and the service's own user may always change routing; anyone else is asked about at
+ * polkit, asynchronously, and the call is answered when polkit answers. Returns 1 if the call
+ * was handled (now or later). */
+static int verify_and_run(sd_bus_message *message, Manager *m, AuthorizedFunc func, sd_bus_error *error) {
+        g_autoptr(sd_bus_creds) creds = NULL;
+        BusData *d = m->bus_data;
+        PendingAuth *p;
+        uid_t uid;
+        int r;
+
+        r = sd_bus_query_sender_creds(message, SD_BUS_CREDS_EUID, &creds);
+        if (r < 0)
+                return r;
+        r = sd_bus_creds_get_euid(creds, &uid);
+        if (r < 0)
+                return r;
+
+        if (uid == 0 || uid == geteuid()) {
+                r = func(message, m, error);
+                if (r < 0)
+                        return r;
+                return sd_bus_reply_method_return(message, NULL);
+        }
+
+        /* polkit knows system bus names only: on a session bus, the owner decides alone. */
+        if (m->options.bus_mode != BUS_MODE_SYSTEM)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
+                                         "Only the user running the router may change its routing.");
+
+        p = g_new0(PendingAuth, 1);
+        p->manager = m;
+        p->message = sd_bus_message_ref(message);
+        p->func = func;
+
+        r = sd_bus_call_method_async(
+                        sd_bus_message_get_bus(message), &p->slot, "org.freedesktop.PolicyKit1",
+                        "/org/freedesktop/PolicyKit1/Authority", "org.freedesktop.PolicyKit1.Authority",
+                        "CheckAuthorization", polkit_reply, p, "(sa{sv})sa{ss}us", "system-bus-name", 1, "name",
+                        "s", sd_bus_message_get_sender(message), POLKIT_ACTION, 0,
+                        (uint32_t) (sd_bus_message_get_allow_interactive_authorization(message) ? 1 : 0), "");
+        if (r < 0) {
+                pending_auth_free(p);
+                return r;
+        }
+        d->pending = g_list_prepend(d->pending, p);
+        return 1;
+}
+
+static int no_such_provider(Manager *m, const char *name, sd_bus_error *error) {
+        g_autofree char *known = router_provider_list(m->router);
+        return sd_bus_error_setf(error, BUS_ERROR_NO_SUCH_PROVIDER, "No provider '%s' is configured. Known providers: %s.",
+                                 name, known);
+}
+
+static int check_model(const char *model, sd_bus_error *error) {
+        if (!model_name_is_valid(model))
+                return sd_bus_error_setf(error, BUS_ERROR_INVALID_MODEL,
+                                         "Invalid model name: it must be 1-%d characters of valid UTF-8 without control characters.",
+                                         MODEL_NAME_MAX);
+        return 0;
+}
+
+static int run_set_default_provider(sd_bus_message *message, Manager *m, sd_bus_error *error) {
+        const char *name;
+        int r;
+
+        r = sd_bus_message_read(message, "s", &name);
+        if (r < 0)
+                return r;
+        r = manager_set_default_provider(m, name);
+        if (r == -ENOENT)
+                return no_such_provider(m, name, error);
+        return r < 0 ? r : 0;
+}
+
+static int method_set_default_provider(sd_bus_message *message, void *userdata, sd_bus_error *error) {
+        Manager *m = userdata;
+        const char *name;
+        int r;
+
+        r = sd_bus_message_read(message, "s", &name);
+        if (r < 0)
+                return r;
+        if (!router_find(m->router, name))
+                return no_such_provider(m, name, error);
+        return verify_and_run(message, m, run_set_default_provider, error);
+}
+
+static int run_set_model_mapping(sd_bus_message *message, Manager *m, sd_bus_error *error) {
+        const char *model, *provider;
+        int r;
+
+        r = sd_bus_message_read(message, "ss", &model, &provider);
+        if (r < 0)
+                return r;
+        r = manager_set_model_mapping(m, model, provider);
+        if (r == -ENOENT)
+                return no_such_provider(m, provider, error);
+        if (r == -EINVAL)
+                return check_model(model, error);
+        return r < 0 ? r : 0;
+}
+
+static int method_set_model_mapping(sd_bus_message *message, void *userdata, sd_bus_error *error) {
+        Manager *m = userdata;
+        const char *model, *provider;
+        int r;
+
+        r = sd_bus_message_read(message, "ss", &model, &provider);
+        if (r < 0)
+                return r;
+        r = check_model(model, error);
+        if (r < 0)
+                return r;
+        if (!router_find(m->router, provider))
+                return no_such_provider(m, provider, error);
+        return verify_and_run(message, m, run_set_model_mapping, error);
+}
+
+static int run_remove_model_mapping(sd_bus_message *message, Manager *m, sd_bus_error *error) {
+        const char *model;
+        int r;
+
+        r = sd_bus_message_read(message, "s", &model);
+        if (r < 0)
+                return r;
+        r = manager_remove_model_mapping(m, model);
+        if (r == -ENOENT)
+                return sd_bus_error_setf(error, BUS_ERROR_NO_SUCH_MAPPING, "Model '%s' has no mapping.", model);
+        return r < 0 ? r : 0;
+}
+
+static int method_remove_model_mapping(sd_bus_message *message, void *userdata, sd_bus_error *error) {
+        Manager *m = userdata;
+        const char *model;
+        int r;
+
+        r = sd_bus_message_read(message, "s", &model);
+        if (r < 0)
+                return r;
+        r = check_model(model, error);
+        if (r < 0)
+                return r;
+        if (!g_hash_table_contains(m->router->mappings, model))
+                return sd_bus_error_setf(error, BUS_ERROR_NO_SUCH_MAPPING, "Model '%s' has no mapping.", model);
+        return verify_and_run(message, m, run_remove_model_mapping, error);
+}
+
+static int run_reload(sd_bus_message *message, Manager *m, sd_bus_error *error) {
+        g_autofree char *why = NULL;
+        int r;
+
+        r = manager_reload(m, &why);
+        if (r < 0)
+                return sd_bus_error_setf(error, BUS_ERROR_CONFIG_INVALID,
+                                         "The configuration has errors and was not applied: %s", strna(why));
+        return 0;
+}
+
+static int method_reload(sd_bus_message *message, void *userdata, sd_bus_error *error) {
+        return verify_and_run(message, userdata, run_reload, error);
+}
+
+static int append_stats_entry(sd_bus_message *reply, const char *name, const ProviderStats *s, const char *state,
+                              const Stats *all, bool total) {
+        int r;
+
+#define ENTRY(key, sig, value)                                                         \
+        do {                                                                           \
+                r = sd_bus_message_open_container(reply, 'e', "sv");                   \
+                if (r >= 0)                                                            \
+                        r = sd_bus_message_append(reply, "s", key);                    \
+                if (r >= 0)                                                            \
+                        r = sd_bus_message_append(reply, "v", sig, value);             \
+                if (r >= 0)                                                            \
+                        r = sd_bus_message_close_container(reply);                     \
+                if (r < 0)                                                             \
+                        return r;                                                      \
+        } while (0)
+
+        r = sd_bus_message_open_container(reply, 'e', "sa{sv}");
+        if (r < 0)
+                return r;
+        r = sd_bus_message_append(reply, "s", name);
+        if (r < 0)
+                return r;
+        r = sd_bus_message_open_container(reply, 'a', "{sv}");
+        if (r < 0)
+                return r;
+
+        ENTRY("requests", "t", s->requests);
+        ENTRY("errors", "t", s->errors);
+        ENTRY("in_flight", "u", s->in_flight);
+        ENTRY("latency_p50_usec", "t", histogram_percentile(&s->latency, 0.5));
+        ENTRY("latency_p99_usec", "t", histogram_percentile(&s->latency, 0.99));
+        ENTRY("latency_max_usec", "t", s->latency.max);
+        ENTRY("ttfb_p50_usec", "t", histogram_percentile(&s->ttfb, 0.5));
+        ENTRY("ttfb_p99_usec", "t", histogram_percentile(&s->ttfb, 0.99));
+        ENTRY("streams", "t", s->streams);
+        ENTRY("responses_2xx", "t", s->status_2xx);
+        ENTRY("responses_4xx", "t", s->status_4xx);
+        ENTRY("responses_5xx", "t", s->status_5xx);
+        ENTRY("bytes_in", "t", s->bytes_in);
+        ENTRY("bytes_out", "t", s->bytes_out);
+        ENTRY("prompt_tokens", "t", s->prompt_tokens);
+        ENTRY("completion_tokens", "t", s->completion_tokens);
+        ENTRY("retries", "t", s->retries);
+        for (int c = 0; c < _ERROR_CLASS_MAX; c++) {
+                g_autofree char *key = g_strconcat("errors_", error_class_to_string(c), NULL);
+                ENTRY(key, "t", s->errors_by_class[c]);
+        }
+        if (state)
+                ENTRY("state", "s", state);
+        if (total) {
+                ENTRY("rejected", "t", all->rejected);
+                ENTRY("http_requests", "t", all->http_requests);
+                ENTRY("started_realtime_usec", "t", all->started_usec);
+        }
+#undef ENTRY
+
+        r = sd_bus_message_close_container(reply);
+        if (r < 0)
+                return r;
+        return sd_bus_message_close_container(reply);
+}
+
+static int method_get_stats(sd_bus_message *message, void *userdata, sd_bus_error *error) {
+        g_autoptr(sd_bus_message) reply = NULL;
+        Manager *m = userdata;
+        g_auto(GStrv) names = router_provider_names(m->router);
+        g_autofree ProviderStats *total = g_new0(ProviderStats, 1);
+        int r;
+
+        r = sd_bus_message_new_method_return(message, &reply);
+        if (r < 0)
+                return r;
+        r = sd_bus_message_open_container(reply, 'a', "{sa{sv}}");
+        if (r < 0)
+                return r;
+        for (char **n = names; *n; n++) {
+                ProviderStats *s = stats_get(m->stats, *n);
+                ProviderConfig *p = router_find(m->router, *n);
+                r = append_stats_entry(reply, *n, s,
+                                       p && p->kind == PROVIDER_KIND_ECHO ? "up" : provider_stats_state(s), m->stats,
+                                       false);
+                if (r < 0)
+                        return r;
+        }
+        stats_total(m->stats, names, total);
+        r = append_stats_entry(reply, "*", total, NULL, m->stats, true);
+        if (r < 0)
+                return r;
+        r = sd_bus_message_close_container(reply);
+        if (r < 0)
+                return r;
+        return sd_bus_send(NULL, reply, NULL);
+}
+
+static int property_get_default_provider(sd_bus *bus, const char *path, const char *interface, const char *property,
+                                         sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        Manager *m = userdata;
+        return sd_bus_message_append(reply, "s", m->router->default_provider);
+}
+
+static int property_get_model_mappings(sd_bus *bus, const char *path, const char *interface, const char *property,
+                                       sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        Manager *m = userdata;
+        int r;
+
+        r = sd_bus_message_open_container(reply, 'a', "{ss}");
+        if (r < 0)
+                return r;
+        for (guint i = 0; i < m->router->mapping_order->len; i++) {
+                const char *model = m->router->mapping_order->pdata[i];
+                r = sd_bus_message_append(reply, "{ss}", model, (const char *) g_hash_table_lookup(m->router->mappings, model));
+                if (r < 0)
+                        return r;
+        }
+        return sd_bus_message_close_container(reply);
+}
+
+static int property_get_providers(sd_bus *bus, const char *path, const char *interface, const char *property,
+                                  sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        Manager *m = userdata;
+        g_auto(GStrv) names = router_provider_names(m->router);
+        return sd_bus_message_append_strv(reply, names);
+}
+
+static int property_get_version(sd_bus *bus, const char *path, const char *interface, const char *property,
+                                sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        return sd_bus_message_append(reply, "s", PACKAGE_VERSION);
+}
+
+static const sd_bus_vtable router_vtable[] = {
+        SD_BUS_VTABLE_START(0),
+        SD_BUS_PROPERTY("DefaultProvider", "s", property_get_default_provider, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("ModelMappings", "a{ss}", property_get_model_mappings, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("Providers", "as", property_get_providers, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("Version", "s", property_get_version, 0, SD_BUS_VTABLE_PROPERTY_CONST),
+        SD_BUS_METHOD_WITH_ARGS("SetDefaultProvider", SD_BUS_ARGS("s", provider), SD_BUS_NO_RESULT,
+                                method_set_default_provider, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("SetModelMapping", SD_BUS_ARGS("s", model, "s", provider), SD_BUS_NO_RESULT,
+                                method_set_model_mapping, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("RemoveModelMapping", SD_BUS_ARGS("s", model), SD_BUS_NO_RESULT,
+                                method_remove_model_mapping, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("GetStats", SD_BUS_NO_ARGS, SD_BUS_RESULT("a{sa{sv}}", stats), method_get_stats,
+                                SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("Reload", SD_BUS_NO_ARGS, SD_BUS_NO_RESULT, method_reload, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_VTABLE_END,
+};
+
+void bus_emit_routing_changed(Manager *m) {
+        int r;
+
+        if (!m->bus)
+                return;
+        r = sd_bus_emit_properties_changed(m->bus, BUS_PATH, BUS_INTERFACE, "DefaultProvider", "ModelMappings",
+                                           "Providers", NULL);
+        if (r < 0)
+                log_debug_errno(r, "Failed to emit PropertiesChanged, ignoring: %m");
+}
+
+int bus_setup(Manager *m) {
+        g_autoptr(sd_bus) bus = NULL;
+        BusData *d;
+        int r;
+
+        if (m->options.bus_mode == BUS_MODE_NONE)
+                return 0;
+
+        r = m->options.bus_mode == BUS_MODE_SYSTEM ? sd_bus_open_system(&bus) : sd_bus_open_user(&bus);
+        if (r < 0)
+                return log_error_errno(r, "Failed to connect to the %s bus: %m", bus_mode_to_string(m->options.bus_mode));
+
+        d = g_new0(BusData, 1);
+        m->bus_data = d;
+
+        r = sd_bus_add_object_vtable(bus, &d->object_slot, BUS_PATH, BUS_INTERFACE, router_vtable, m);
+        if (r < 0)
+                return log_error_errno(r, "Failed to register the D-Bus object: %m");
+
+        r = sd_bus_attach_event(bus, m->event, SD_EVENT_PRIORITY_NORMAL);
+        if (r < 0)
+                return log_error_errno(r, "Failed to attach the bus to the event loop: %m");
+
+        r = sd_bus_request_name(bus, BUS_NAME, 0);
+        if (r < 0)
+                return log_error_errno(r, "Failed to acquire the bus name " BUS_NAME " on the %s bus: %m",
+                                       bus_mode_to_string(m->options.bus_mode));
+
+        /* If the bus goes away, so do we; systemd restarts the service. */
+        (void) sd_bus_set_exit_on_disconnect(bus, true);
+
+        m->bus = TAKE_PTR(bus);
+        log_debug("Serving " BUS_NAME " on the %s bus.", bus_mode_to_string(m->options.bus_mode));
+        return 0;
+}
+
+void bus_done(Manager *m) {
+        BusData *d = m->bus_data;
+
+        if (d) {
+                g_list_free_full(d->pending, pending_auth_destroy);
+                sd_bus_slot_unref(d->object_slot);
+                g_free(d);
+                m->bus_data = NULL;
+        }
+        m->bus = sd_bus_flush_close_unref(m->bus);
+}

@@ -1,0 +1,953 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include <stdarg.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "log.h"
+
+static const char *const provider_kind_table[_PROVIDER_KIND_MAX] = {
+        [PROVIDER_KIND_OPENAI] = "openai",
+        [PROVIDER_KIND_ECHO] = "echo",
+};
+
+const char *provider_kind_to_string(ProviderKind k) {
+        if (k < 0 || k >= _PROVIDER_KIND_MAX)
+                return NULL;
+        return provider_kind_table[k];
+}
+
+ProviderKind provider_kind_from_string(const char *s) {
+        if (!s)
+                return _PROVIDER_KIND_INVALID;
+        for (int i = 0; i < _PROVIDER_KIND_MAX; i++)
+                if (streq(s, provider_kind_table[i]))
+                        return (ProviderKind) i;
+        return _PROVIDER_KIND_INVALID;
+}
+
+static ProviderConfig *provider_config_free(ProviderConfig *p) {
+        if (!p)
+                return NULL;
+        g_free(p->name);
+        g_free(p->base_url);
+        g_free(p->default_model);
+        g_strfreev(p->models);
+        g_free(p->api_key_credential);
+        g_free(p->api_key_file);
+        g_free(p->api_key_env);
+        erase_and_free(p->api_key);
+        g_free(p->api_key_source);
+        g_strfreev(p->fallbacks);
+        g_free(p);
+        return NULL;
+}
+
+ProviderConfig *provider_config_ref(ProviderConfig *p) {
+        if (p)
+                p->n_ref++;
+        return p;
+}
+
+void provider_config_destroy(gpointer p) {
+        provider_config_unref(p);
+}
+
+ProviderConfig *provider_config_unref(ProviderConfig *p) {
+        if (!p)
+                return NULL;
+        g_assert(p->n_ref > 0);
+        if (--p->n_ref == 0)
+                provider_config_free(p);
+        return NULL;
+}
+
+static ProviderConfig *provider_config_new(const char *name) {
+        ProviderConfig *p = g_new0(ProviderConfig, 1);
+        p->n_ref = 1;
+        p->name = g_strdup(name);
+        p->kind = PROVIDER_KIND_OPENAI;
+        /* USEC_INFINITY here means "inherit the [Router] value" */
+        p->connect_timeout_usec = USEC_INFINITY;
+        p->request_timeout_usec = USEC_INFINITY;
+        p->first_byte_timeout_usec = USEC_INFINITY;
+        p->idle_timeout_usec = USEC_INFINITY;
+        p->max_retries = 2;
+        return p;
+}
+
+Config *config_free(Config *c) {
+        if (!c)
+                return NULL;
+        g_free(c->host);
+        g_free(c->default_provider);
+        g_free(c->cors_allow_origin);
+        if (c->providers)
+                g_ptr_array_unref(c->providers);
+        if (c->mappings)
+                g_hash_table_unref(c->mappings);
+        if (c->mapping_order)
+                g_ptr_array_unref(c->mapping_order);
+        g_strfreev(c->sources);
+        g_free(c);
+        return NULL;
+}
+
+ProviderConfig *config_find_provider(const Config *c, const char *name) {
+        if (!name)
+                return NULL;
+        for (guint i = 0; i < c->providers->len; i++) {
+                ProviderConfig *p = c->providers->pdata[i];
+                if (streq(p->name, name))
+                        return p;
+        }
+        return NULL;
+}
+
+static Config *config_new_empty(void) {
+        Config *c = g_new0(Config, 1);
+
+        c->host = g_strdup("127.0.0.1");
+        c->port = 3001;
+        c->default_provider = g_strdup("lm-studio");
+        c->allow_provider_override = true;
+        c->request_timeout_usec = 120 * USEC_PER_SEC;
+        c->connect_timeout_usec = 10 * USEC_PER_SEC;
+        c->first_byte_timeout_usec = USEC_INFINITY; /* = RequestTimeoutSec */
+        c->stream_idle_timeout_usec = 300 * USEC_PER_SEC;
+        c->client_timeout_usec = 60 * USEC_PER_SEC;
+        c->shutdown_timeout_usec = 30 * USEC_PER_SEC;
+        c->log_level = LOG_INFO;
+        c->log_requests = true;
+        c->log_responses = false;
+        c->max_body_size = 8 * 1024 * 1024;
+        c->max_response_size = 64 * 1024 * 1024;
+        c->max_header_size = 32 * 1024;
+        c->stream_buffer_size = 64 * 1024;
+        c->max_connections = 4096;
+        c->cors_allow_origin = g_strdup("*");
+        c->providers = g_ptr_array_new_with_free_func(provider_config_destroy);
+        c->mappings = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
+        c->mapping_order = g_ptr_array_new_with_free_func(g_free);
+        return c;
+}
+
+/* The plan's three providers, with loopback addresses where the plan had LAN ones. */
+static ProviderConfig *builtin_provider(const char *name) {
+        ProviderConfig *p;
+
+        if (streq(name, "lm-studio")) {
+                p = provider_config_new(name);
+                p->base_url = g_strdup("http://127.0.0.1:1234/v1");
+                p->default_model = g_strdup("qwen3-max");
+                return p;
+        }
+        if (streq(name, "qwen-proxy")) {
+                p = provider_config_new(name);
+                p->base_url = g_strdup("http://127.0.0.1:3000/v1");
+                return p;
+        }
+        if (streq(name, "qwen-direct")) {
+                p = provider_config_new(name);
+                p->base_url = g_strdup("https://dashscope.aliyuncs.com/compatible-mode/v1");
+                p->api_key_credential = g_strdup("qwen-api-key");
+                return p;
+        }
+        if (streq(name, "echo")) {
+                p = provider_config_new(name);
+                p->kind = PROVIDER_KIND_ECHO;
+                return p;
+        }
+        return NULL;
+}
+
+static const char *const builtin_provider_names[] = { "lm-studio", "qwen-proxy", "qwen-direct", "echo" };
+
+static void config_add_builtin_providers(Config *c) {
+        for (size_t i = 0; i < ELEMENTSOF(builtin_provider_names); i++)
+                if (!config_find_provider(c, builtin_provider_names[i]))
+                        g_ptr_array_add(c->providers, builtin_provider(builtin_provider_names[i]));
+}
+
+Config *config_new_default(void) {
+        Config *c = config_new_empty();
+        config_add_builtin_providers(c);
+        return c;
+}
+
+bool provider_name_is_valid(const char *name) {
+        size_t n;
+
+        if (isempty(name))
+                return false;
+        n = strlen(name);
+        if (n > PROVIDER_NAME_MAX)
+                return false;
+        for (size_t i = 0; i < n; i++)
+                if (!g_ascii_isalnum(name[i]) && !strchr("-_.", name[i]))
+                        return false;
+        return true;
+}
+
+bool model_name_is_valid(const char *model) {
+        size_t n;
+
+        if (isempty(model))
+                return false;
+        n = strlen(model);
+        if (n > MODEL_NAME_MAX)
+                return false;
+        if (!g_utf8_validate(model, (gssize) n, NULL))
+                return false;
+        for (size_t i = 0; i < n; i++)
+                if ((unsigned char) model[i] < 0x20 || model[i] == 0x7f)
+                        return false;
+        return true;
+}
+
+int parse_boolean(const char *s) {
+        static const char *const yes[] = { "1", "yes", "y", "true", "t", "on" };
+        static const char *const no[] = { "0", "no", "n", "false", "f", "off" };
+
+        if (!s)
+                return -EINVAL;
+        for (size_t i = 0; i < ELEMENTSOF(yes); i++)
+                if (strcaseeq(s, yes[i]))
+                        return 1;
+        for (size_t i = 0; i < ELEMENTSOF(no); i++)
+                if (strcaseeq(s, no[i]))
+                        return 0;
+        return -EINVAL;
+}
+
+int parse_seconds(const char *s, usec_t *ret) {
+        char *end = NULL;
+        double d;
+
+        if (isempty(s))
+                return -EINVAL;
+        errno = 0;
+        d = g_ascii_strtod(s, &end);
+        if (errno != 0 || end == s || *end != 0 || !isfinite(d) || d <= 0 || d > 31536000.0)
+                return -EINVAL;
+        *ret = (usec_t) (d * (double) USEC_PER_SEC);
+        if (*ret == 0)
+                return -EINVAL;
+        return 0;
+}
+
+int parse_size(const char *s, uint64_t *ret) {
+        char *end = NULL;
+        guint64 v;
+        uint64_t factor = 1;
+
+        if (isempty(s) || !g_ascii_isdigit(s[0]))
+                return -EINVAL;
+        errno = 0;
+        v = g_ascii_strtoull(s, &end, 10);
+        if (errno != 0 || end == s)
+                return -EINVAL;
+        if (*end) {
+                switch (g_ascii_toupper(*end)) {
+                case 'K': factor = 1024ULL; break;
+                case 'M': factor = 1024ULL * 1024; break;
+                case 'G': factor = 1024ULL * 1024 * 1024; break;
+                default: return -EINVAL;
+                }
+                end++;
+                if (*end == 'i' || *end == 'B')
+                        end++;
+                if (*end == 'B')
+                        end++;
+                if (*end)
+                        return -EINVAL;
+        }
+        if (v > UINT64_MAX / factor)
+                return -ERANGE;
+        *ret = v * factor;
+        return 0;
+}
+
+static int parse_unsigned(const char *s, unsigned min, unsigned max, unsigned *ret) {
+        char *end = NULL;
+        guint64 v;
+
+        if (isempty(s) || !g_ascii_isdigit(s[0]))
+                return -EINVAL;
+        errno = 0;
+        v = g_ascii_strtoull(s, &end, 10);
+        if (errno != 0 || *end != 0)
+                return -EINVAL;
+        if (v < min || v > max)
+                return -ERANGE;
+        *ret = (unsigned) v;
+        return 0;
+}
+
+static bool base_url_is_valid(const char *url) {
+        g_autoptr(CURLU) u = NULL;
+        g_autofree char *scheme = NULL;
+        char *s = NULL, *host = NULL;
+        bool ok;
+
+        if (isempty(url) || strlen(url) > 2048)
+                return false;
+        u = curl_url();
+        if (!u)
+                return false;
+        if (curl_url_set(u, CURLUPART_URL, url, 0) != CURLUE_OK)
+                return false;
+        if (curl_url_get(u, CURLUPART_SCHEME, &s, 0) != CURLUE_OK)
+                return false;
+        ok = streq(s, "http") || streq(s, "https");
+        curl_free(s);
+        if (curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK)
+                return false;
+        ok = ok && !isempty(host);
+        curl_free(host);
+        return ok;
+}
+
+/* Collects problems while reading, so that every one can be reported at once. */
+typedef struct Parser {
+        Config *config;
+        GPtrArray *errors;
+        GPtrArray *warnings;
+        const char *source;      /* file name or "environment" */
+        bool saw_provider_group;
+} Parser;
+
+static void parser_error(Parser *p, const char *format, ...) _printf_(2, 3);
+static void parser_error(Parser *p, const char *format, ...) {
+        va_list ap;
+        va_start(ap, format);
+        g_ptr_array_add(p->errors, g_strdup_vprintf(format, ap));
+        va_end(ap);
+}
+
+static void parser_warning(Parser *p, const char *format, ...) _printf_(2, 3);
+static void parser_warning(Parser *p, const char *format, ...) {
+        va_list ap;
+        if (!p->warnings)
+                return;
+        va_start(ap, format);
+        g_ptr_array_add(p->warnings, g_strdup_vprintf(format, ap));
+        va_end(ap);
+}
+
+static void set_string(char **field, const char *value) {
+        g_free(*field);
+        *field = isempty(value) ? NULL : g_strdup(value);
+}
+
+static void set_url(Parser *p, const char *group, const char *key, char **field, const char *value) {
+        g_autofree char *v = g_strdup(value);
+        size_t n = strlen(v);
+
+        while (n > 0 && v[n - 1] == '/')
+                v[--n] = 0;
+        if (!base_url_is_valid(v)) {
+                parser_error(p, "%s: [%s] %s='%s' is not an http:// or https:// URL", p->source, group, key, value);
+                return;
+        }
+        g_free(*field);
+        *field = TAKE_PTR(v);
+}
+
+static void set_seconds(Parser *p, const char *group, const char *key, usec_t *field, const char *value) {
+        if (parse_seconds(value, field) < 0)
+                parser_error(p, "%s: [%s] %s='%s' is not a positive number of seconds", p->source, group, key, value);
+}
+
+static void set_bool(Parser *p, const char *group, const char *key, bool *field, const char *value) {
+        int b = parse_boolean(value);
+        if (b < 0)
+                parser_error(p, "%s: [%s] %s='%s' is not a boolean (true/false, yes/no, 1/0)",
+                             p->source, group, key, value);
+        else
+                *field = b;
+}
+
+static void set_size(Parser *p, const char *group, const char *key, uint64_t *field, const char *value,
+                     uint64_t min, uint64_t max) {
+        uint64_t v;
+        if (parse_size(value, &v) < 0 || v < min || v > max)
+                parser_error(p, "%s: [%s] %s='%s' is not a size between %" PRIu64 " and %" PRIu64
+                             " bytes (suffixes K, M, G allowed)", p->source, group, key, value, min, max);
+        else
+                *field = v;
+}
+
+static void set_log_level(Parser *p, const char *where, int *field, const char *value) {
+        int l = log_level_from_string(value);
+        if (l < 0 || l < LOG_ERR)
+                parser_error(p, "%s: %s='%s' is not a log level (debug, info, notice, warn, error)",
+                             p->source, where, value);
+        else
+                *field = l;
+}
+
+static void set_port(Parser *p, const char *where, uint16_t *field, const char *value) {
+        unsigned v;
+        if (parse_unsigned(value, 1, 65535, &v) < 0)
+                parser_error(p, "%s: %s='%s' is not a valid port: must be between 1 and 65535", p->source, where, value);
+        else
+                *field = (uint16_t) v;
+}
+
+static void mapping_set(Config *c, const char *model, const char *provider) {
+        if (!g_hash_table_contains(c->mappings, model))
+                g_ptr_array_add(c->mapping_order, g_strdup(model));
+        g_hash_table_replace(c->mappings, g_strdup(model), g_strdup(provider));
+}
+
+static void mapping_remove(Config *c, const char *model) {
+        if (!g_hash_table_remove(c->mappings, model))
+                return;
+        for (guint i = 0; i < c->mapping_order->len; i++)
+                if (streq(c->mapping_order->pdata[i], model)) {
+                        g_ptr_array_remove_index(c->mapping_order, i);
+                        break;
+                }
+}
+
+static void parse_router_group(Parser *p, GKeyFile *kf) {
+        const char *group = "Router";
+        g_auto(GStrv) keys = g_key_file_get_keys(kf, group, NULL, NULL);
+        Config *c = p->config;
+
+        for (char **k = keys; k && *k; k++) {
+                g_autofree char *v = g_key_file_get_string(kf, group, *k, NULL);
+                const char *key = *k;
+
+                if (!v)
+                        continue;
+                g_strstrip(v);
+
+                if (streq(key, "Host")) {
+                        if (isempty(v) || strlen(v) > 255)
+                                parser_error(p, "%s: [Router] Host= must be an address or host name", p->source);
+                        else
+                                set_string(&c->host, v);
+                } else if (streq(key, "Port"))
+                        set_port(p, "[Router] Port", &c->port, v);
+                else if (streq(key, "DefaultProvider"))
+                        set_string(&c->default_provider, v);
+                else if (streq(key, "AllowProviderOverride"))
+                        set_bool(p, group, key, &c->allow_provider_override, v);
+                else if (streq(key, "RequestTimeoutSec"))
+                        set_seconds(p, group, key, &c->request_timeout_usec, v);
+                else if (streq(key, "ConnectTimeoutSec"))
+                        set_seconds(p, group, key, &c->connect_timeout_usec, v);
+                else if (streq(key, "FirstByteTimeoutSec"))
+                        set_seconds(p, group, key, &c->first_byte_timeout_usec, v);
+                else if (streq(key, "StreamIdleTimeoutSec"))
+                        set_seconds(p, group, key, &c->stream_idle_timeout_usec, v);
+                else if (streq(key, "ClientTimeoutSec"))
+                        set_seconds(p, group, key, &c->client_timeout_usec, v);
+                else if (streq(key, "ShutdownTimeoutSec"))
+                        set_seconds(p, group, key, &c->shutdown_timeout_usec, v);
+                else if (streq(key, "LogLevel"))
+                        set_log_level(p, "[Router] LogLevel", &c->log_level, v);
+                else if (streq(key, "LogRequests"))
+                        set_bool(p, group, key, &c->log_requests, v);
+                else if (streq(key, "LogResponses"))
+                        set_bool(p, group, key, &c->log_responses, v);
+                else if (streq(key, "MaxBodySize"))
+                        set_size(p, group, key, &c->max_body_size, v, 1024, 1024ULL * 1024 * 1024);
+                else if (streq(key, "MaxResponseSize"))
+                        set_size(p, group, key, &c->max_response_size, v, 1024, 4ULL * 1024 * 1024 * 1024);
+                else if (streq(key, "MaxHeaderSize"))
+                        set_size(p, group, key, &c->max_header_size, v, 4096, 1024 * 1024);
+                else if (streq(key, "StreamBufferSize"))
+                        set_size(p, group, key, &c->stream_buffer_size, v, 4096, 64ULL * 1024 * 1024);
+                else if (streq(key, "MaxConnections")) {
+                        if (parse_unsigned(v, 1, 1000000, &c->max_connections) < 0)
+                                parser_error(p, "%s: [Router] MaxConnections='%s' must be between 1 and 1000000",
+                                             p->source, v);
+                } else if (streq(key, "CORSAllowOrigin"))
+                        set_string(&c->cors_allow_origin, v);
+                else
+                        parser_warning(p, "%s: unknown key '%s' in [Router], ignoring", p->source, key);
+        }
+}
+
+static ProviderConfig *parser_get_provider(Parser *p, const char *name) {
+        ProviderConfig *pc = config_find_provider(p->config, name);
+
+        if (pc)
+                return pc;
+        pc = provider_config_new(name);
+        g_ptr_array_add(p->config->providers, pc);
+        return pc;
+}
+
+static void parse_provider_group(Parser *p, GKeyFile *kf, const char *group, const char *name) {
+        g_auto(GStrv) keys = g_key_file_get_keys(kf, group, NULL, NULL);
+        ProviderConfig *pc;
+
+        if (!provider_name_is_valid(name)) {
+                parser_error(p, "%s: [%s]: provider name '%s' is invalid: use 1-%d letters, digits, '-', '_' or '.'",
+                             p->source, group, name, PROVIDER_NAME_MAX);
+                return;
+        }
+        p->saw_provider_group = true;
+        pc = parser_get_provider(p, name);
+
+        for (char **k = keys; k && *k; k++) {
+                g_autofree char *v = g_key_file_get_string(kf, group, *k, NULL);
+                const char *key = *k;
+
+                if (!v)
+                        continue;
+                g_strstrip(v);
+
+                if (streq(key, "Kind")) {
+                        ProviderKind kind = provider_kind_from_string(v);
+                        if (kind < 0)
+                                parser_error(p, "%s: [%s] Kind='%s' is not a provider kind (openai, echo)",
+                                             p->source, group, v);
+                        else
+                                pc->kind = kind;
+                } else if (streq(key, "BaseURL"))
+                        set_url(p, group, key, &pc->base_url, v);
+                else if (streq(key, "DefaultModel")) {
+                        if (!isempty(v) && !model_name_is_valid(v))
+                                parser_error(p, "%s: [%s] DefaultModel='%s' is not a valid model name", p->source, group, v);
+                        else
+                                set_string(&pc->default_model, v);
+                } else if (streq(key, "Models")) {
+                        g_strfreev(pc->models);
+                        pc->models = g_key_file_get_string_list(kf, group, key, NULL, NULL);
+                        for (char **m = pc->models; m && *m; m++) {
+                                g_strstrip(*m);
+                                if (!model_name_is_valid(*m))
+                                        parser_error(p, "%s: [%s] Models= contains an invalid model name '%s'",
+                                                     p->source, group, *m);
+                        }
+                } else if (streq(key, "APIKeyCredential")) {
+                        if (!isempty(v) && (strchr(v, '/') || streq(v, ".") || streq(v, "..")))
+                                parser_error(p, "%s: [%s] APIKeyCredential='%s' must be a credential name, not a path",
+                                             p->source, group, v);
+                        else
+                                set_string(&pc->api_key_credential, v);
+                } else if (streq(key, "APIKeyFile")) {
+                        if (!isempty(v) && v[0] != '/')
+                                parser_error(p, "%s: [%s] APIKeyFile='%s' must be an absolute path", p->source, group, v);
+                        else
+                                set_string(&pc->api_key_file, v);
+                } else if (streq(key, "APIKeyEnv"))
+                        set_string(&pc->api_key_env, v);
+                else if (streq(key, "APIKey"))
+                        parser_error(p, "%s: [%s] APIKey= would keep a secret in a configuration file; "
+                                     "use APIKeyCredential=, APIKeyFile= or APIKeyEnv= instead", p->source, group);
+                else if (streq(key, "ConnectTimeoutSec"))
+                        set_seconds(p, group, key, &pc->connect_timeout_usec, v);
+                else if (streq(key, "RequestTimeoutSec"))
+                        set_seconds(p, group, key, &pc->request_timeout_usec, v);
+                else if (streq(key, "FirstByteTimeoutSec"))
+                        set_seconds(p, group, key, &pc->first_byte_timeout_usec, v);
+                else if (streq(key, "StreamIdleTimeoutSec"))
+                        set_seconds(p, group, key, &pc->idle_timeout_usec, v);
+                else if (streq(key, "MaxConcurrent")) {
+                        if (parse_unsigned(v, 0, 1000000, &pc->max_concurrent) < 0)
+                                parser_error(p, "%s: [%s] MaxConcurrent='%s' must be a number (0 = unlimited)",
+                                             p->source, group, v);
+                } else if (streq(key, "MaxRetries")) {
+                        if (parse_unsigned(v, 0, 10, &pc->max_retries) < 0)
+                                parser_error(p, "%s: [%s] MaxRetries='%s' must be between 0 and 10", p->source, group, v);
+                } else if (streq(key, "Fallbacks")) {
+                        g_strfreev(pc->fallbacks);
+                        pc->fallbacks = g_key_file_get_string_list(kf, group, key, NULL, NULL);
+                        for (char **f = pc->fallbacks; f && *f; f++)
+                                g_strstrip(*f);
+                } else
+                        parser_warning(p, "%s: unknown key '%s' in [%s], ignoring", p->source, key, group);
+        }
+}
+
+static void parse_mappings_group(Parser *p, GKeyFile *kf) {
+        g_auto(GStrv) keys = g_key_file_get_keys(kf, "ModelMappings", NULL, NULL);
+
+        for (char **k = keys; k && *k; k++) {
+                g_autofree char *v = g_key_file_get_string(kf, "ModelMappings", *k, NULL);
+
+                if (!v)
+                        continue;
+                g_strstrip(v);
+                if (!model_name_is_valid(*k)) {
+                        parser_error(p, "%s: [ModelMappings] '%s' is not a valid model name", p->source, *k);
+                        continue;
+                }
+                if (isempty(v)) /* an empty value in a drop-in removes an earlier mapping */
+                        mapping_remove(p->config, *k);
+                else
+                        mapping_set(p->config, *k, v);
+        }
+}
+
+static int parse_file(Parser *p, const char *path, bool required) {
+        g_autoptr(GKeyFile) kf = g_key_file_new();
+        g_autoptr(GError) error = NULL;
+        g_auto(GStrv) groups = NULL;
+
+        p->source = path;
+        if (!g_key_file_load_from_file(kf, path, G_KEY_FILE_NONE, &error)) {
+                if (g_error_matches(error, G_FILE_ERROR, G_FILE_ERROR_NOENT) && !required)
+                        return 0;
+                parser_error(p, "%s: %s", path, error->message);
+                return -EINVAL;
+        }
+
+        groups = g_key_file_get_groups(kf, NULL);
+        for (char **g = groups; *g; g++) {
+                if (streq(*g, "Router"))
+                        parse_router_group(p, kf);
+                else if (g_str_has_prefix(*g, "Provider "))
+                        parse_provider_group(p, kf, *g, *g + STRLEN("Provider "));
+                else if (streq(*g, "ModelMappings"))
+                        parse_mappings_group(p, kf);
+                else
+                        parser_warning(p, "%s: unknown section [%s], ignoring", path, *g);
+        }
+        return 1;
+}
+
+static gint compare_strings(gconstpointer a, gconstpointer b) {
+        return strcmp(*(char *const *) a, *(char *const *) b);
+}
+
+static GPtrArray *list_dropins(const char *dir) {
+        GPtrArray *files = g_ptr_array_new_with_free_func(g_free);
+        g_autoptr(GDir) d = g_dir_open(dir, 0, NULL);
+        const char *name;
+
+        if (!d)
+                return files;
+        while ((name = g_dir_read_name(d)))
+                if (g_str_has_suffix(name, ".conf") && name[0] != '.')
+                        g_ptr_array_add(files, g_build_filename(dir, name, NULL));
+        g_ptr_array_sort(files, compare_strings);
+        return files;
+}
+
+static const char *env_get(char **environ_, const char *name) {
+        const char *v = g_environ_getenv(environ_, name);
+        return isempty(v) ? NULL : v;
+}
+
+static ProviderConfig *parser_get_plan_provider(Parser *p, const char *name) {
+        ProviderConfig *pc = config_find_provider(p->config, name);
+
+        /* The plan's variables name its three providers; one that the files do not define is
+         * created from the built-in defaults, so an existing .env works unchanged. */
+        if (!pc) {
+                pc = builtin_provider(name);
+                g_ptr_array_add(p->config->providers, pc);
+        }
+        return pc;
+}
+
+static void parse_environment(Parser *p, char **env) {
+        Config *c = p->config;
+        const char *v;
+
+        p->source = "environment";
+
+        if ((v = env_get(env, "PORT")))
+                set_port(p, "PORT", &c->port, v);
+        if ((v = env_get(env, "HOST")))
+                set_string(&c->host, v);
+        if ((v = env_get(env, "DEFAULT_PROVIDER")))
+                set_string(&c->default_provider, v);
+        if ((v = env_get(env, "LOG_LEVEL")))
+                set_log_level(p, "LOG_LEVEL", &c->log_level, v);
+        if ((v = env_get(env, "LOG_REQUESTS")))
+                set_bool(p, "env", "LOG_REQUESTS", &c->log_requests, v);
+        if ((v = env_get(env, "LOG_RESPONSES")))
+                set_bool(p, "env", "LOG_RESPONSES", &c->log_responses, v);
+        if ((v = env_get(env, "REQUEST_TIMEOUT"))) {
+                unsigned ms;
+                if (parse_unsigned(v, 1, UINT32_MAX, &ms) < 0)
+                        parser_error(p, "environment: REQUEST_TIMEOUT='%s' is not a positive number of milliseconds", v);
+                else
+                        c->request_timeout_usec = (usec_t) ms * USEC_PER_MSEC;
+        }
+
+        if ((v = env_get(env, "LM_STUDIO_BASE_URL")))
+                set_url(p, "env", "LM_STUDIO_BASE_URL", &parser_get_plan_provider(p, "lm-studio")->base_url, v);
+        if ((v = env_get(env, "LM_STUDIO_DEFAULT_MODEL"))) {
+                if (!model_name_is_valid(v))
+                        parser_error(p, "environment: LM_STUDIO_DEFAULT_MODEL='%s' is not a valid model name", v);
+                else
+                        set_string(&parser_get_plan_provider(p, "lm-studio")->default_model, v);
+        }
+        if ((v = env_get(env, "QWEN_PROXY_BASE_URL"))) {
+                /* As in the plan, the proxy's address is given without /v1. */
+                g_autofree char *base = g_strdup(v);
+                size_t n = strlen(base);
+                while (n > 0 && base[n - 1] == '/')
+                        base[--n] = 0;
+                g_autofree char *url = g_str_has_suffix(base, "/v1") ? g_strdup(base) : g_strconcat(base, "/v1", NULL);
+                set_url(p, "env", "QWEN_PROXY_BASE_URL", &parser_get_plan_provider(p, "qwen-proxy")->base_url, url);
+        }
+        if ((v = env_get(env, "QWEN_BASE_URL")))
+                set_url(p, "env", "QWEN_BASE_URL", &parser_get_plan_provider(p, "qwen-direct")->base_url, v);
+        if ((v = env_get(env, "QWEN_API_KEY"))) {
+                ProviderConfig *pc = parser_get_plan_provider(p, "qwen-direct");
+                erase_and_free(pc->api_key);
+                pc->api_key = g_strdup(v);
+                set_string(&pc->api_key_source, "environment variable QWEN_API_KEY");
+        }
+        if ((v = env_get(env, "MODEL_MAPPINGS"))) {
+                g_auto(GStrv) pairs = g_strsplit(v, ",", -1);
+                for (char **pair = pairs; *pair; pair++) {
+                        g_auto(GStrv) kv = NULL;
+                        g_strstrip(*pair);
+                        if (isempty(*pair))
+                                continue;
+                        kv = g_strsplit(*pair, ":", 2);
+                        if (!kv[0] || !kv[1]) {
+                                parser_error(p, "environment: MODEL_MAPPINGS entry '%s' is not of the form model:provider", *pair);
+                                continue;
+                        }
+                        g_strstrip(kv[0]);
+                        g_strstrip(kv[1]);
+                        if (!model_name_is_valid(kv[0]) || isempty(kv[1])) {
+                                parser_error(p, "environment: MODEL_MAPPINGS entry '%s' is not of the form model:provider", *pair);
+                                continue;
+                        }
+                        mapping_set(c, kv[0], kv[1]);
+                }
+        }
+}
+
+static int read_secret_file(const char *path, bool check_mode, char **ret) {
+        g_autofree char *contents = NULL;
+        struct stat st;
+        size_t n;
+        int fd;
+
+        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+        if (fd < 0)
+                return negative_errno();
+        if (fstat(fd, &st) < 0) {
+                int r = negative_errno();
+                close(fd);
+                return r;
+        }
+        if (!S_ISREG(st.st_mode)) {
+                close(fd);
+                return -EBADF;
+        }
+        if (check_mode && (st.st_mode & S_IROTH)) {
+                close(fd);
+                return -EPERM;
+        }
+        if (st.st_size > 64 * 1024) {
+                close(fd);
+                return -EFBIG;
+        }
+        contents = g_malloc0((size_t) st.st_size + 1);
+        n = 0;
+        while (n < (size_t) st.st_size) {
+                ssize_t k = read(fd, contents + n, (size_t) st.st_size - n);
+                if (k < 0) {
+                        int r = negative_errno();
+                        close(fd);
+                        explicit_bzero(contents, (size_t) st.st_size);
+                        return r;
+                }
+                if (k == 0)
+                        break;
+                n += (size_t) k;
+        }
+        close(fd);
+        contents[n] = 0;
+        /* One trailing newline (as echo writes it) is not part of the secret. */
+        while (n > 0 && (contents[n - 1] == '\n' || contents[n - 1] == '\r'))
+                contents[--n] = 0;
+        if (n == 0) {
+                explicit_bzero(contents, (size_t) st.st_size);
+                return -ENODATA;
+        }
+        *ret = TAKE_PTR(contents);
+        return 0;
+}
+
+static void resolve_secret(Parser *p, ProviderConfig *pc, const ConfigSources *src, bool needed) {
+        g_autofree char *path = NULL;
+        const char *v;
+        int r;
+
+        if (pc->api_key)
+                return; /* from QWEN_API_KEY */
+
+        if (pc->api_key_credential) {
+                if (src->credentials_dir) {
+                        path = g_build_filename(src->credentials_dir, pc->api_key_credential, NULL);
+                        r = read_secret_file(path, false, &pc->api_key);
+                        if (r >= 0) {
+                                pc->api_key_source = g_strdup_printf("credential '%s'", pc->api_key_credential);
+                                return;
+                        }
+                        if (r != -ENOENT) {
+                                parser_error(p, "provider '%s': cannot read credential '%s': %s",
+                                             pc->name, pc->api_key_credential, g_strerror(-r));
+                                return;
+                        }
+                }
+        }
+        if (pc->api_key_file) {
+                r = read_secret_file(pc->api_key_file, true, &pc->api_key);
+                if (r >= 0) {
+                        pc->api_key_source = g_strdup_printf("file '%s'", pc->api_key_file);
+                        return;
+                }
+                if (r == -EPERM)
+                        parser_error(p, "provider '%s': APIKeyFile='%s' is readable by everyone; "
+                                     "make it private (chmod o-r) or use a credential", pc->name, pc->api_key_file);
+                else if (r == -ENODATA)
+                        parser_error(p, "provider '%s': APIKeyFile='%s' is empty", pc->name, pc->api_key_file);
+                else
+                        parser_error(p, "provider '%s': cannot read APIKeyFile='%s': %s", pc->name,
+                                     pc->api_key_file, g_strerror(-r));
+                return;
+        }
+        if (pc->api_key_env && (v = env_get(src->environ, pc->api_key_env))) {
+                pc->api_key = g_strdup(v);
+                pc->api_key_source = g_strdup_printf("environment variable %s", pc->api_key_env);
+                return;
+        }
+
+        if (!pc->api_key_credential && !pc->api_key_env)
+                return; /* no key wanted */
+
+        if (needed) {
+                if (streq(pc->name, "qwen-direct"))
+                        parser_error(p, "QWEN_API_KEY (or credential '%s') is required when DEFAULT_PROVIDER=qwen-direct",
+                                     strna(pc->api_key_credential));
+                else
+                        parser_error(p, "provider '%s' is the default provider but its API key (%s%s) is missing",
+                                     pc->name, pc->api_key_credential ? "credential " : "environment variable ",
+                                     pc->api_key_credential ?: pc->api_key_env);
+        } else
+                parser_warning(p, "provider '%s': API key (%s%s) not found, requests are sent without one",
+                               pc->name, pc->api_key_credential ? "credential " : "environment variable ",
+                               pc->api_key_credential ?: pc->api_key_env);
+}
+
+static char *provider_names(const Config *c) {
+        g_autoptr(GString) s = g_string_new(NULL);
+        for (guint i = 0; i < c->providers->len; i++) {
+                ProviderConfig *pc = c->providers->pdata[i];
+                if (i > 0)
+                        g_string_append(s, ", ");
+                g_string_append(s, pc->name);
+        }
+        return g_string_free(g_steal_pointer(&s), FALSE);
+}
+
+static void validate(Parser *p, const ConfigSources *src) {
+        Config *c = p->config;
+        g_autofree char *names = provider_names(c);
+
+        if (c->providers->len == 0)
+                parser_error(p, "no providers are configured");
+
+        if (!config_find_provider(c, c->default_provider))
+                parser_error(p, "DefaultProvider='%s' is not a configured provider (known: %s)",
+                             strempty(c->default_provider), names);
+
+        for (guint i = 0; i < c->providers->len; i++) {
+                ProviderConfig *pc = c->providers->pdata[i];
+
+                /* Inherit router-wide values that the provider does not set itself. */
+                if (pc->connect_timeout_usec == USEC_INFINITY)
+                        pc->connect_timeout_usec = c->connect_timeout_usec;
+                if (pc->request_timeout_usec == USEC_INFINITY)
+                        pc->request_timeout_usec = c->request_timeout_usec;
+                if (pc->first_byte_timeout_usec == USEC_INFINITY)
+                        pc->first_byte_timeout_usec = c->first_byte_timeout_usec;
+                if (pc->first_byte_timeout_usec == USEC_INFINITY)
+                        pc->first_byte_timeout_usec = pc->request_timeout_usec;
+                if (pc->idle_timeout_usec == USEC_INFINITY)
+                        pc->idle_timeout_usec = c->stream_idle_timeout_usec;
+
+                if (pc->kind == PROVIDER_KIND_OPENAI && !pc->base_url)
+                        parser_error(p, "provider '%s' has no BaseURL=", pc->name);
+
+                for (char **f = pc->fallbacks; f && *f; f++) {
+                        if (streq(*f, pc->name))
+                                parser_error(p, "provider '%s' lists itself in Fallbacks=", pc->name);
+                        else if (!config_find_provider(c, *f))
+                                parser_error(p, "provider '%s': fallback '%s' is not a configured provider (known: %s)",
+                                             pc->name, *f, names);
+                }
+
+                resolve_secret(p, pc, src, streq(pc->name, strempty(c->default_provider)));
+        }
+
+        for (guint i = 0; i < c->mapping_order->len; i++) {
+                const char *model = c->mapping_order->pdata[i];
+                const char *provider = g_hash_table_lookup(c->mappings, model);
+                if (!config_find_provider(c, provider))
+                        parser_error(p, "model mapping '%s' names provider '%s', which is not configured (known: %s)",
+                                     model, provider, names);
+        }
+}
+
+int config_load(const ConfigSources *src, Config **ret, GPtrArray **ret_errors, GPtrArray **ret_warnings) {
+        g_autoptr(GPtrArray) errors = g_ptr_array_new_with_free_func(g_free);
+        g_autoptr(GPtrArray) warnings = g_ptr_array_new_with_free_func(g_free);
+        g_autoptr(GPtrArray) sources = g_ptr_array_new_with_free_func(g_free);
+        g_autoptr(Config) c = config_new_empty();
+        g_autofree char *dropin_dir = NULL;
+        g_autoptr(GPtrArray) dropins = NULL;
+        Parser p = { .config = c, .errors = errors, .warnings = warnings };
+
+        g_assert(src);
+        g_assert(ret);
+
+        if (src->path) {
+                if (parse_file(&p, src->path, src->path_required) > 0)
+                        g_ptr_array_add(sources, g_strdup(src->path));
+                dropin_dir = src->dropin_dir ? g_strdup(src->dropin_dir) : g_strconcat(src->path, ".d", NULL);
+        } else if (src->dropin_dir)
+                dropin_dir = g_strdup(src->dropin_dir);
+
+        if (dropin_dir) {
+                dropins = list_dropins(dropin_dir);
+                for (guint i = 0; i < dropins->len; i++)
+                        if (parse_file(&p, dropins->pdata[i], true) > 0)
+                                g_ptr_array_add(sources, g_strdup(dropins->pdata[i]));
+        }
+
+        /* Files that define no provider at all get the built-in set, so a file that only sets
+         * [Router] keys still has somewhere to route. */
+        if (!p.saw_provider_group)
+                config_add_builtin_providers(c);
+
+        parse_environment(&p, src->environ);
+        validate(&p, src);
+
+        if (ret_warnings)
+                *ret_warnings = g_steal_pointer(&warnings);
+
+        if (errors->len > 0) {
+                if (ret_errors)
+                        *ret_errors = g_steal_pointer(&errors);
+                return -EINVAL;
+        }
+
+        g_ptr_array_add(sources, NULL);
+        c->sources = (char **) g_ptr_array_free(g_steal_pointer(&sources), FALSE);
+        *ret = TAKE_PTR(c);
+        if (ret_errors)
+                *ret_errors = NULL;
+        return 0;
+}

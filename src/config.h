@@ -1,0 +1,105 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "util.h"
+
+typedef enum ProviderKind {
+        PROVIDER_KIND_OPENAI, /* any OpenAI-compatible HTTP(S) server */
+        PROVIDER_KIND_ECHO,   /* answers locally, for trying a client with no backend */
+        _PROVIDER_KIND_MAX,
+        _PROVIDER_KIND_INVALID = -EINVAL,
+} ProviderKind;
+
+const char *provider_kind_to_string(ProviderKind k);
+ProviderKind provider_kind_from_string(const char *s);
+
+/* One [Provider NAME] group, resolved: the secret is loaded, timeouts are in µs. Immutable once
+ * loaded and reference counted, so a request in flight keeps the provider it started with
+ * across a reload. */
+typedef struct ProviderConfig {
+        unsigned n_ref;
+        char *name;
+        ProviderKind kind;
+        char *base_url;            /* no trailing slash */
+        char *default_model;
+        char **models;             /* advertised in /v1/models besides what the provider lists */
+        char *api_key_credential;  /* sources, at most one is used */
+        char *api_key_file;
+        char *api_key_env;
+        char *api_key;             /* the secret; wiped on free; NULL if none */
+        char *api_key_source;      /* where the secret came from, for messages; never the secret */
+        char **fallbacks;
+        usec_t connect_timeout_usec;
+        usec_t request_timeout_usec;
+        usec_t first_byte_timeout_usec;
+        usec_t idle_timeout_usec;
+        unsigned max_concurrent;   /* 0 = unlimited */
+        unsigned max_retries;
+} ProviderConfig;
+
+ProviderConfig *provider_config_ref(ProviderConfig *p);
+ProviderConfig *provider_config_unref(ProviderConfig *p);
+void provider_config_destroy(gpointer p); /* for GLib containers */
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(ProviderConfig, provider_config_unref)
+
+typedef struct Config {
+        char *host;
+        uint16_t port;
+        char *default_provider;
+        bool allow_provider_override;
+        usec_t request_timeout_usec;
+        usec_t connect_timeout_usec;
+        usec_t first_byte_timeout_usec;
+        usec_t stream_idle_timeout_usec;
+        usec_t client_timeout_usec;
+        usec_t shutdown_timeout_usec;
+        int log_level;
+        bool log_requests;
+        bool log_responses;
+        uint64_t max_body_size;
+        uint64_t max_response_size;
+        uint64_t max_header_size;
+        uint64_t stream_buffer_size;
+        unsigned max_connections;
+        char *cors_allow_origin;   /* NULL disables CORS headers */
+
+        GPtrArray *providers;      /* ProviderConfig*, in the order they were first defined */
+        GHashTable *mappings;      /* model → provider name */
+        GPtrArray *mapping_order;  /* model names, insertion order, for stable output */
+
+        char **sources;            /* files read, in order, for messages */
+} Config;
+
+Config *config_free(Config *c);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(Config, config_free)
+
+/* Where to read from; every field may be NULL. Tests pass their own. */
+typedef struct ConfigSources {
+        const char *path;           /* main file; a missing file means built-in defaults */
+        bool path_required;         /* --config was given: a missing file is an error */
+        const char *dropin_dir;     /* defaults to "<path>.d" */
+        char **environ;             /* the plan's variables are looked up here */
+        const char *credentials_dir;/* $CREDENTIALS_DIRECTORY */
+} ConfigSources;
+
+/* Reads and validates. On failure returns -EINVAL and *ret_errors lists every problem found
+ * (one message each); warnings are always returned in *ret_warnings when non-NULL. */
+int config_load(const ConfigSources *src, Config **ret, GPtrArray **ret_errors, GPtrArray **ret_warnings);
+
+/* Built-in defaults: the plan's three providers plus the local echo provider. */
+Config *config_new_default(void);
+
+ProviderConfig *config_find_provider(const Config *c, const char *name);
+
+bool provider_name_is_valid(const char *name);
+bool model_name_is_valid(const char *model);
+
+#define MODEL_NAME_MAX 256
+#define PROVIDER_NAME_MAX 64
+
+int parse_size(const char *s, uint64_t *ret);
+int parse_seconds(const char *s, usec_t *ret);
+int parse_boolean(const char *s);

@@ -1,0 +1,323 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <systemd/sd-daemon.h>
+
+#include "http-server.h"
+#include "log.h"
+
+typedef struct Listener {
+        HttpServer *server;
+        struct MHD_Daemon *daemon;
+        sd_event_source *io;
+        int fd;
+        bool owned;           /* bound here, not passed by systemd */
+        char *address;
+} Listener;
+
+struct HttpServer {
+        sd_event *event;
+        GPtrArray *listeners;
+        sd_event_source *timer;
+        sd_event_source *wake;
+        unsigned n_connections;
+        bool socket_activated;
+        bool quiesced;
+};
+
+static void http_server_update_timer(HttpServer *s) {
+        MHD_UNSIGNED_LONG_LONG t, min = ULLONG_MAX;
+
+        for (guint i = 0; i < s->listeners->len; i++) {
+                Listener *l = s->listeners->pdata[i];
+                if (MHD_get_timeout(l->daemon, &t) == MHD_YES && t < min)
+                        min = t;
+        }
+        if (min == ULLONG_MAX) {
+                (void) sd_event_source_set_enabled(s->timer, SD_EVENT_OFF);
+                return;
+        }
+        /* MHD counts in ms, relative to now. */
+        (void) sd_event_source_set_time_relative(s->timer, (usec_t) min * USEC_PER_MSEC);
+        (void) sd_event_source_set_enabled(s->timer, SD_EVENT_ONESHOT);
+}
+
+static int listener_on_io(sd_event_source *source, int fd, uint32_t revents, void *userdata) {
+        Listener *l = userdata;
+
+        if (MHD_run(l->daemon) != MHD_YES)
+                log_debug("MHD_run() failed, ignoring");
+        http_server_update_timer(l->server);
+        return 0;
+}
+
+static int http_server_on_timer(sd_event_source *source, uint64_t usec, void *userdata) {
+        HttpServer *s = userdata;
+
+        for (guint i = 0; i < s->listeners->len; i++) {
+                Listener *l = s->listeners->pdata[i];
+                (void) MHD_run(l->daemon);
+        }
+        http_server_update_timer(s);
+        return 0;
+}
+
+static int http_server_on_wake(sd_event_source *source, void *userdata) {
+        return http_server_on_timer(source, 0, userdata);
+}
+
+void http_server_wake(HttpServer *s) {
+        (void) sd_event_source_set_enabled(s->wake, SD_EVENT_ONESHOT);
+}
+
+static void mhd_logger(void *cls, const char *fmt, va_list ap) {
+        char buf[512];
+        size_t n;
+
+        if (log_get_max_level() < LOG_DEBUG)
+                return;
+        (void) vsnprintf(buf, sizeof(buf), fmt, ap);
+        n = strlen(buf);
+        while (n > 0 && buf[n - 1] == '\n')
+                buf[--n] = 0;
+        log_debug("http: %s", buf);
+}
+
+static void mhd_notify_connection(void *cls, struct MHD_Connection *connection, void **socket_context,
+                                  enum MHD_ConnectionNotificationCode toe) {
+        HttpServer *s = cls;
+
+        if (toe == MHD_CONNECTION_NOTIFY_STARTED)
+                s->n_connections++;
+        else if (s->n_connections > 0)
+                s->n_connections--;
+}
+
+static void listener_free(Listener *l) {
+        if (!l)
+                return;
+        sd_event_source_disable_unref(l->io);
+        if (l->daemon)
+                MHD_stop_daemon(l->daemon);
+        /* MHD closes a listen socket it was given, unless quiesce handed it back to us. */
+        if (l->fd >= 0)
+                close(l->fd);
+        g_free(l->address);
+        g_free(l);
+}
+
+static char *socket_address(int fd) {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof(ss);
+        char host[INET6_ADDRSTRLEN], serv[16];
+
+        if (getsockname(fd, (struct sockaddr *) &ss, &len) < 0)
+                return g_strdup("?");
+        if (ss.ss_family == AF_UNIX)
+                return g_strdup("unix socket");
+        if (getnameinfo((struct sockaddr *) &ss, len, host, sizeof(host), serv, sizeof(serv),
+                        NI_NUMERICHOST | NI_NUMERICSERV) != 0)
+                return g_strdup("?");
+        return ss.ss_family == AF_INET6 ? g_strdup_printf("[%s]:%s", host, serv) : g_strdup_printf("%s:%s", host, serv);
+}
+
+static int listener_start(HttpServer *s, const HttpServerSettings *st, int fd, bool owned) {
+        Listener *l = g_new0(Listener, 1);
+        const union MHD_DaemonInfo *info;
+        int r;
+
+        l->server = s;
+        l->fd = -1;
+        l->owned = owned;
+        l->address = socket_address(fd);
+
+        l->daemon = MHD_start_daemon(MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG,
+                                     0, NULL, NULL, st->handler, st->userdata,
+                                     MHD_OPTION_EXTERNAL_LOGGER, mhd_logger, NULL,
+                                     MHD_OPTION_LISTEN_SOCKET, fd,
+                                     MHD_OPTION_CONNECTION_LIMIT, st->max_connections,
+                                     MHD_OPTION_CONNECTION_TIMEOUT, st->connection_timeout_sec,
+                                     MHD_OPTION_CONNECTION_MEMORY_LIMIT, st->connection_memory_limit,
+                                     MHD_OPTION_NOTIFY_COMPLETED, st->completed, st->userdata,
+                                     MHD_OPTION_NOTIFY_CONNECTION, mhd_notify_connection, s,
+                                     MHD_OPTION_END);
+        if (!l->daemon) {
+                log_debug("MHD_start_daemon() failed for %s", l->address);
+                listener_free(l);
+                return -EIO;
+        }
+
+        info = MHD_get_daemon_info(l->daemon, MHD_DAEMON_INFO_EPOLL_FD);
+        if (!info) {
+                listener_free(l);
+                return -EIO;
+        }
+        r = sd_event_add_io(s->event, &l->io, info->epoll_fd, EPOLLIN, listener_on_io, l);
+        if (r < 0) {
+                listener_free(l);
+                return r;
+        }
+        (void) sd_event_source_set_description(l->io, "http-listener");
+        g_ptr_array_add(s->listeners, l);
+        return 0;
+}
+
+static int bind_address(const char *host, uint16_t port, GArray *fds) {
+        struct addrinfo hints = {
+                .ai_family = AF_UNSPEC,
+                .ai_socktype = SOCK_STREAM,
+                .ai_flags = AI_PASSIVE | AI_ADDRCONFIG,
+        };
+        struct addrinfo *res = NULL;
+        char serv[8];
+        int r, last_error = 0;
+
+        (void) snprintf(serv, sizeof(serv), "%u", port);
+        r = getaddrinfo(host, serv, &hints, &res);
+        if (r != 0) {
+                /* Loopback-only machines have no "configured" address: try without. */
+                hints.ai_flags = AI_PASSIVE;
+                r = getaddrinfo(host, serv, &hints, &res);
+        }
+        if (r != 0)
+                return log_error_errno(EADDRNOTAVAIL, "Cannot resolve listen address '%s': %s", host, gai_strerror(r));
+
+        for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+                int fd, one = 1;
+
+                fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, ai->ai_protocol);
+                if (fd < 0) {
+                        last_error = errno;
+                        continue;
+                }
+                (void) setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+                if (ai->ai_family == AF_INET6)
+                        (void) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+                if (bind(fd, ai->ai_addr, ai->ai_addrlen) < 0 || listen(fd, SOMAXCONN) < 0) {
+                        last_error = errno;
+                        close(fd);
+                        continue;
+                }
+                g_array_append_val(fds, fd);
+        }
+        freeaddrinfo(res);
+
+        if (fds->len == 0)
+                return log_error_errno(last_error ?: EADDRNOTAVAIL, "Failed to listen on '%s' port %u: %m", host, port);
+        return 0;
+}
+
+int http_server_new(sd_event *event, const HttpServerSettings *st, HttpServer **ret) {
+        g_autoptr(HttpServer) s = g_new0(HttpServer, 1);
+        g_autoptr(GArray) fds = g_array_new(FALSE, FALSE, sizeof(int));
+        int n, r;
+
+        s->event = sd_event_ref(event);
+        s->listeners = g_ptr_array_new_with_free_func((GDestroyNotify) listener_free);
+
+        r = sd_event_add_time(event, &s->timer, CLOCK_MONOTONIC, USEC_INFINITY, 0, http_server_on_timer, s);
+        if (r < 0)
+                return r;
+        (void) sd_event_source_set_enabled(s->timer, SD_EVENT_OFF);
+        (void) sd_event_source_set_description(s->timer, "http-timer");
+
+        r = sd_event_add_defer(event, &s->wake, http_server_on_wake, s);
+        if (r < 0)
+                return r;
+        (void) sd_event_source_set_enabled(s->wake, SD_EVENT_OFF);
+        (void) sd_event_source_set_description(s->wake, "http-wake");
+
+        n = sd_listen_fds(true);
+        if (n < 0)
+                return log_error_errno(n, "Failed to read sockets passed by systemd: %m");
+        for (int fd = SD_LISTEN_FDS_START; fd < SD_LISTEN_FDS_START + n; fd++) {
+                int flags;
+
+                if (sd_is_socket(fd, AF_UNSPEC, SOCK_STREAM, 1) <= 0) {
+                        log_warning("Passed fd %i is not a listening stream socket, ignoring", fd);
+                        continue;
+                }
+                /* We run one loop: a blocking accept() would stall everything. */
+                flags = fcntl(fd, F_GETFL);
+                if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0 ||
+                    fcntl(fd, F_SETFD, FD_CLOEXEC) < 0)
+                        return log_error_errno(errno, "Failed to set up passed socket %i: %m", fd);
+                g_array_append_val(fds, fd);
+                s->socket_activated = true;
+        }
+
+        if (fds->len == 0) {
+                r = bind_address(st->host, st->port, fds);
+                if (r < 0)
+                        return r;
+        }
+
+        for (guint i = 0; i < fds->len; i++) {
+                int fd = g_array_index(fds, int, i);
+                r = listener_start(s, st, fd, !s->socket_activated);
+                if (r < 0) {
+                        for (guint j = i; j < fds->len; j++)
+                                close(g_array_index(fds, int, j));
+                        return log_error_errno(r, "Failed to start the HTTP server: %m");
+                }
+        }
+
+        http_server_update_timer(s);
+        *ret = TAKE_PTR(s);
+        return 0;
+}
+
+HttpServer *http_server_free(HttpServer *s) {
+        if (!s)
+                return NULL;
+        if (s->listeners)
+                g_ptr_array_unref(s->listeners);
+        sd_event_source_disable_unref(s->timer);
+        sd_event_source_disable_unref(s->wake);
+        sd_event_unref(s->event);
+        g_free(s);
+        return NULL;
+}
+
+void http_server_quiesce(HttpServer *s) {
+        if (s->quiesced)
+                return;
+        s->quiesced = true;
+        for (guint i = 0; i < s->listeners->len; i++) {
+                Listener *l = s->listeners->pdata[i];
+                MHD_socket fd = MHD_quiesce_daemon(l->daemon);
+                /* Ours to close now; systemd still holds its copy of a passed socket. */
+                if (fd != MHD_INVALID_SOCKET)
+                        l->fd = fd;
+                if (l->fd >= 0) {
+                        close(l->fd);
+                        l->fd = -1;
+                }
+        }
+}
+
+unsigned http_server_n_connections(HttpServer *s) {
+        return s->n_connections;
+}
+
+bool http_server_socket_activated(HttpServer *s) {
+        return s->socket_activated;
+}
+
+char *http_server_describe(HttpServer *s) {
+        g_autoptr(GString) str = g_string_new(NULL);
+        for (guint i = 0; i < s->listeners->len; i++) {
+                Listener *l = s->listeners->pdata[i];
+                if (i > 0)
+                        g_string_append(str, ", ");
+                g_string_append(str, l->address);
+        }
+        return g_string_free(g_steal_pointer(&str), FALSE);
+}

@@ -1,0 +1,29 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "util.h"
+
+/* What the router needs to know about a chat request to route it. The body itself is forwarded
+ * untouched; nothing here points into it. */
+typedef struct ChatRequestInfo {
+        char *model;        /* NULL if the request names none */
+        bool stream;
+        bool has_messages;
+} ChatRequestInfo;
+
+void chat_request_info_clear(ChatRequestInfo *info);
+
+/* Returns 0, or -EINVAL with a message for the client in *ret_message (malformed JSON, not an
+ * object, "model" not a string, "stream" not a boolean). */
+int inspect_chat_request(const char *body, size_t size, ChatRequestInfo *ret, char **ret_message);
+
+/* Returns a copy of the request with "model" set, for providers with a DefaultModel= when the
+ * client named none. */
+int inspect_set_model(const char *body, size_t size, const char *model, char **ret_body, size_t *ret_size);
+
+/* Finds "usage" in an OpenAI response or stream chunk; returns 0 and the counts if present,
+ * -ENOENT if absent. */
+int inspect_usage(const char *body, size_t size, uint64_t *ret_prompt, uint64_t *ret_completion);

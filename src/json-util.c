@@ -1,0 +1,38 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include "json-util.h"
+
+char *json_builder_to_string(JsonBuilder *b, size_t *ret_size) {
+        g_autoptr(JsonGenerator) gen = json_generator_new();
+        g_autoptr(JsonNode) root = json_builder_get_root(b);
+        gsize n;
+        char *s;
+
+        json_generator_set_root(gen, root);
+        s = json_generator_to_data(gen, &n);
+        if (ret_size)
+                *ret_size = n;
+        return s;
+}
+
+char *json_error_body(const char *type, const char *message, const char *provider, const char *code) {
+        g_autoptr(JsonBuilder) b = json_builder_new_immutable();
+
+        json_builder_begin_object(b);
+        json_builder_set_member_name(b, "error");
+        json_builder_begin_object(b);
+        json_builder_set_member_name(b, "message");
+        json_builder_add_string_value(b, message);
+        json_builder_set_member_name(b, "type");
+        json_builder_add_string_value(b, type);
+        if (provider) {
+                json_builder_set_member_name(b, "provider");
+                json_builder_add_string_value(b, provider);
+        }
+        if (code) {
+                json_builder_set_member_name(b, "code");
+                json_builder_add_string_value(b, code);
+        }
+        json_builder_end_object(b);
+        json_builder_end_object(b);
+        return json_builder_to_string(b, NULL);
+}

@@ -1,0 +1,14 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+#include <json-glib/json-glib.h>
+
+#include "util.h"
+
+/* {"error":{"message":…,"type":…,"provider":…,"code":…}} — the plan's error shape. provider and
+ * code may be NULL. */
+char *json_error_body(const char *type, const char *message, const char *provider, const char *code);
+
+/* Serialises the builder's root compactly; frees nothing. */
+char *json_builder_to_string(JsonBuilder *b, size_t *ret_size);
+

@@ -1,0 +1,117 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include <unistd.h>
+
+#include "log.h"
+#include "state.h"
+
+#define STATE_FILE_NAME "routing.state"
+
+char *state_file_path(void) {
+        const char *d = g_getenv("STATE_DIRECTORY");
+        g_autofree char *first = NULL;
+
+        if (!isempty(d)) {
+                /* systemd passes a colon-separated list when several are configured. */
+                const char *colon = strchr(d, ':');
+                first = colon ? g_strndup(d, (gsize) (colon - d)) : g_strdup(d);
+                return g_build_filename(first, STATE_FILE_NAME, NULL);
+        }
+        return g_build_filename(STATE_DIR, STATE_FILE_NAME, NULL);
+}
+
+int state_save(Manager *m) {
+        g_autoptr(Router) base = router_new(m->config);
+        g_autoptr(GKeyFile) kf = g_key_file_new();
+        g_autofree char *path = state_file_path(), *data = NULL, *dir = NULL;
+        g_autoptr(GError) error = NULL;
+        Router *cur = m->router;
+        bool any = false;
+        gsize n;
+
+        if (!streq(cur->default_provider, base->default_provider)) {
+                g_key_file_set_string(kf, "Routing", "DefaultProvider", cur->default_provider);
+                any = true;
+        }
+        for (guint i = 0; i < cur->mapping_order->len; i++) {
+                const char *model = cur->mapping_order->pdata[i];
+                const char *p = g_hash_table_lookup(cur->mappings, model);
+                const char *q = g_hash_table_lookup(base->mappings, model);
+                if (!q || !streq(p, q)) {
+                        g_key_file_set_string(kf, "SetModelMappings", model, p);
+                        any = true;
+                }
+        }
+        for (guint i = 0; i < base->mapping_order->len; i++) {
+                const char *model = base->mapping_order->pdata[i];
+                if (!g_hash_table_contains(cur->mappings, model)) {
+                        g_key_file_set_string(kf, "RemovedModelMappings", model, "");
+                        any = true;
+                }
+        }
+
+        if (!any)
+                return state_clear(m);
+
+        g_key_file_set_comment(kf, NULL, NULL,
+                               " Routing changed at runtime over D-Bus, as differences from the configuration.\n"
+                               " Written by provider-router; 'provider-routerctl reload' returns to the files.",
+                               NULL);
+        data = g_key_file_to_data(kf, &n, NULL);
+        dir = g_path_get_dirname(path);
+        (void) g_mkdir_with_parents(dir, 0755);
+        if (!g_file_set_contents_full(path, data, (gssize) n,
+                                      G_FILE_SET_CONTENTS_CONSISTENT | G_FILE_SET_CONTENTS_DURABLE, 0640, &error))
+                return log_debug_errno(EIO, "Failed to write %s: %s", path, error->message);
+        log_debug("Routing state saved to %s.", path);
+        return 0;
+}
+
+int state_load(Manager *m) {
+        g_autoptr(GKeyFile) kf = g_key_file_new();
+        g_autofree char *path = state_file_path(), *def = NULL;
+        g_autoptr(GError) error = NULL;
+        g_auto(GStrv) keys = NULL;
+        unsigned applied = 0;
+
+        if (!g_key_file_load_from_file(kf, path, G_KEY_FILE_NONE, &error)) {
+                if (g_error_matches(error, G_FILE_ERROR, G_FILE_ERROR_NOENT))
+                        return 0;
+                return log_debug_errno(EINVAL, "Failed to read %s: %s", path, error->message);
+        }
+
+        /* Entries naming providers that are no longer configured are dropped with a warning:
+         * the configuration decides which providers exist. */
+        def = g_key_file_get_string(kf, "Routing", "DefaultProvider", NULL);
+        if (def) {
+                if (router_set_default(m->router, def) >= 0)
+                        applied++;
+                else
+                        log_warning("%s: saved default provider '%s' is not configured, ignoring", path, def);
+        }
+        keys = g_key_file_get_keys(kf, "SetModelMappings", NULL, NULL);
+        for (char **k = keys; k && *k; k++) {
+                g_autofree char *p = g_key_file_get_string(kf, "SetModelMappings", *k, NULL);
+                if (p && router_set_mapping(m->router, *k, p) >= 0)
+                        applied++;
+                else
+                        log_warning("%s: saved mapping '%s' -> '%s' is not valid now, ignoring", path, *k, strna(p));
+        }
+        g_strfreev(keys);
+        keys = g_key_file_get_keys(kf, "RemovedModelMappings", NULL, NULL);
+        for (char **k = keys; k && *k; k++)
+                if (router_remove_mapping(m->router, *k) >= 0)
+                        applied++;
+
+        if (applied > 0)
+                log_info("Restored %u routing change(s) made at runtime from %s; 'provider-routerctl reload' "
+                         "returns to the configuration files.", applied, path);
+        return 0;
+}
+
+int state_clear(Manager *m) {
+        g_autofree char *path = state_file_path();
+
+        if (unlink(path) < 0 && errno != ENOENT)
+                return log_debug_errno(errno, "Failed to remove %s: %m", path);
+        return 0;
+}

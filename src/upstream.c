@@ -1,0 +1,397 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include <inttypes.h>
+#include <stdio.h>
+
+#include "log.h"
+#include "upstream.h"
+
+struct Upstream {
+        CurlSlot slot;
+        CurlGlue *glue;
+        CURL *easy;
+        struct curl_slist *headers;
+        const UpstreamOps *ops;
+        void *userdata;
+
+        long status;
+        bool headers_done;
+        bool running;
+        bool paused;
+        bool stream;
+        bool in_callback;
+        GPtrArray *response_headers;  /* name, value, name, value, …, NULL */
+        char *content_type;
+        char *retry_after;
+
+        sd_event_source *timer;
+        usec_t started;
+        usec_t first_byte;
+        usec_t last_activity;
+        usec_t connect_timeout;
+        usec_t first_byte_timeout;
+        usec_t total_timeout;
+        usec_t idle_timeout;
+        UpstreamError timeout_error;  /* set when our timer stopped the transfer */
+        char error_buf[CURL_ERROR_SIZE];
+};
+
+static const char *const upstream_error_table[_UPSTREAM_ERROR_MAX] = {
+        [UPSTREAM_OK] = "ok",
+        [UPSTREAM_ERROR_CONNECT] = "connect",
+        [UPSTREAM_ERROR_CONNECT_TIMEOUT] = "connect-timeout",
+        [UPSTREAM_ERROR_FIRST_BYTE_TIMEOUT] = "first-byte-timeout",
+        [UPSTREAM_ERROR_TIMEOUT] = "timeout",
+        [UPSTREAM_ERROR_IDLE_TIMEOUT] = "idle-timeout",
+        [UPSTREAM_ERROR_BROKEN] = "broken",
+        [UPSTREAM_ERROR_ABORTED] = "aborted",
+        [UPSTREAM_ERROR_OTHER] = "other",
+};
+
+const char *upstream_error_to_string(UpstreamError e) {
+        if (e < 0 || e >= _UPSTREAM_ERROR_MAX)
+                return NULL;
+        return upstream_error_table[e];
+}
+
+bool upstream_error_is_timeout(UpstreamError e) {
+        return e == UPSTREAM_ERROR_CONNECT_TIMEOUT || e == UPSTREAM_ERROR_FIRST_BYTE_TIMEOUT ||
+               e == UPSTREAM_ERROR_TIMEOUT || e == UPSTREAM_ERROR_IDLE_TIMEOUT;
+}
+
+/* Hop-by-hop headers and those the router sets itself are not passed on. */
+static bool header_is_passed(const char *name, size_t n) {
+        static const char *const skip[] = {
+                "connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer",
+                "upgrade", "proxy-authenticate", "proxy-connection", "date", "server", "x-provider",
+                "x-request-id", "content-encoding", "access-control-allow-origin",
+                "access-control-expose-headers", "access-control-allow-credentials", "alt-svc",
+        };
+        for (size_t i = 0; i < ELEMENTSOF(skip); i++)
+                if (strlen(skip[i]) == n && g_ascii_strncasecmp(name, skip[i], n) == 0)
+                        return false;
+        return true;
+}
+
+static usec_t upstream_deadline(Upstream *u) {
+        if (u->first_byte == USEC_INFINITY) {
+                usec_t d = u->started + u->first_byte_timeout;
+                if (!u->stream && u->total_timeout > 0)
+                        d = MIN(d, u->started + u->total_timeout);
+                return d;
+        }
+        if (u->stream)
+                return u->idle_timeout > 0 ? u->last_activity + u->idle_timeout : USEC_INFINITY;
+        return u->total_timeout > 0 ? u->started + u->total_timeout : USEC_INFINITY;
+}
+
+static void upstream_finish(Upstream *u, UpstreamError error, const char *message) {
+        u->running = false;
+        (void) sd_event_source_set_enabled(u->timer, SD_EVENT_OFF);
+        u->ops->on_done(u, error, message, u->userdata);
+}
+
+static int upstream_on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        Upstream *u = userdata;
+        usec_t now = now_usec(CLOCK_MONOTONIC), deadline;
+        char message[128];
+
+        if (u->paused) {
+                /* The client is slow, not the provider: silence while paused is ours. */
+                u->last_activity = now;
+        }
+        deadline = upstream_deadline(u);
+        if (now < deadline) {
+                (void) sd_event_source_set_time(s, deadline);
+                (void) sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+                return 0;
+        }
+
+        if (u->first_byte == USEC_INFINITY) {
+                if (!u->stream && u->total_timeout > 0 && u->total_timeout <= u->first_byte_timeout) {
+                        u->timeout_error = UPSTREAM_ERROR_TIMEOUT;
+                        (void) snprintf(message, sizeof(message), "no answer within %.1f s",
+                                        (double) u->total_timeout / USEC_PER_SEC);
+                } else {
+                        u->timeout_error = UPSTREAM_ERROR_FIRST_BYTE_TIMEOUT;
+                        (void) snprintf(message, sizeof(message), "no answer within %.1f s",
+                                        (double) u->first_byte_timeout / USEC_PER_SEC);
+                }
+        } else if (u->stream) {
+                u->timeout_error = UPSTREAM_ERROR_IDLE_TIMEOUT;
+                (void) snprintf(message, sizeof(message), "stream silent for %.1f s",
+                                (double) u->idle_timeout / USEC_PER_SEC);
+        } else {
+                u->timeout_error = UPSTREAM_ERROR_TIMEOUT;
+                (void) snprintf(message, sizeof(message), "answer not complete within %.1f s",
+                                (double) u->total_timeout / USEC_PER_SEC);
+        }
+
+        curl_glue_remove(u->glue, u->easy);
+        upstream_finish(u, u->timeout_error, message);
+        return 0;
+}
+
+static void upstream_done(CURL *easy, CURLcode code, void *userdata) {
+        Upstream *u = userdata;
+        UpstreamError e;
+        const char *message = u->error_buf[0] ? u->error_buf : curl_easy_strerror(code);
+
+        switch (code) {
+        case CURLE_OK:
+                e = UPSTREAM_OK;
+                message = NULL;
+                break;
+        case CURLE_COULDNT_CONNECT:
+        case CURLE_COULDNT_RESOLVE_HOST:
+        case CURLE_COULDNT_RESOLVE_PROXY:
+        case CURLE_SSL_CONNECT_ERROR:
+        case CURLE_PEER_FAILED_VERIFICATION:
+        case CURLE_SSL_CACERT_BADFILE:
+                e = UPSTREAM_ERROR_CONNECT;
+                break;
+        case CURLE_OPERATION_TIMEDOUT:
+                e = u->status == 0 ? UPSTREAM_ERROR_CONNECT_TIMEOUT : UPSTREAM_ERROR_TIMEOUT;
+                break;
+        case CURLE_WRITE_ERROR:
+                e = UPSTREAM_ERROR_ABORTED;
+                break;
+        case CURLE_GOT_NOTHING:
+        case CURLE_SEND_ERROR:
+        case CURLE_RECV_ERROR:
+        case CURLE_PARTIAL_FILE:
+        case CURLE_HTTP2:
+        case CURLE_HTTP2_STREAM:
+        case CURLE_WEIRD_SERVER_REPLY:
+        case CURLE_BAD_CONTENT_ENCODING:
+                /* Before any header arrived the provider never answered: that is a failed
+                 * connection to the client, who saw nothing. */
+                e = u->status == 0 ? UPSTREAM_ERROR_CONNECT : UPSTREAM_ERROR_BROKEN;
+                break;
+        default:
+                e = u->status == 0 ? UPSTREAM_ERROR_CONNECT : UPSTREAM_ERROR_OTHER;
+                break;
+        }
+        upstream_finish(u, e, message);
+}
+
+static size_t upstream_header_cb(char *buffer, size_t size, size_t nitems, void *userdata) {
+        Upstream *u = userdata;
+        size_t n = size * nitems, name_len;
+        const char *colon, *value, *end;
+
+        if (n >= 5 && memcmp(buffer, "HTTP/", 5) == 0) {
+                /* A new status line: an interim 1xx answer may have come before. */
+                long status = 0;
+                const char *sp = memchr(buffer, ' ', n);
+                if (sp)
+                        status = strtol(sp + 1, NULL, 10);
+                u->status = status;
+                if (u->response_headers->len > 0)
+                        g_ptr_array_set_size(u->response_headers, 0);
+                g_clear_pointer(&u->content_type, g_free);
+                g_clear_pointer(&u->retry_after, g_free);
+                return n;
+        }
+
+        if (n <= 2 && (buffer[0] == '\r' || buffer[0] == '\n')) {
+                if (u->status >= 200 && !u->headers_done) {
+                        u->headers_done = true;
+                        g_ptr_array_add(u->response_headers, NULL);
+                        u->ops->on_response(u, u->userdata);
+                }
+                return n;
+        }
+
+        colon = memchr(buffer, ':', n);
+        if (!colon)
+                return n;
+        name_len = (size_t) (colon - buffer);
+        value = colon + 1;
+        end = buffer + n;
+        while (value < end && (*value == ' ' || *value == '\t'))
+                value++;
+        while (end > value && (end[-1] == '\r' || end[-1] == '\n' || end[-1] == ' '))
+                end--;
+
+        if (name_len == STRLEN("content-type") && g_ascii_strncasecmp(buffer, "content-type", name_len) == 0) {
+                g_free(u->content_type);
+                u->content_type = g_strndup(value, (gsize) (end - value));
+        } else if (name_len == STRLEN("retry-after") && g_ascii_strncasecmp(buffer, "retry-after", name_len) == 0) {
+                g_free(u->retry_after);
+                u->retry_after = g_strndup(value, (gsize) (end - value));
+        }
+
+        if (header_is_passed(buffer, name_len)) {
+                g_ptr_array_add(u->response_headers, g_strndup(buffer, name_len));
+                g_ptr_array_add(u->response_headers, g_strndup(value, (gsize) (end - value)));
+        }
+        return n;
+}
+
+static size_t upstream_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata) {
+        Upstream *u = userdata;
+        size_t n = size * nmemb, r;
+        usec_t now;
+
+        if (n == 0)
+                return 0;
+
+        now = now_usec(CLOCK_MONOTONIC);
+        if (u->first_byte == USEC_INFINITY)
+                u->first_byte = now;
+        u->last_activity = now;
+
+        r = u->ops->on_data(u, ptr, n, u->userdata);
+        if (r == CURL_WRITEFUNC_PAUSE)
+                u->paused = true;
+        return r;
+}
+
+int upstream_start(CurlGlue *glue, sd_event *event, const UpstreamRequest *req, const UpstreamOps *ops,
+                   void *userdata, Upstream **ret) {
+        Upstream *u;
+        CURL *e;
+        int r;
+
+        u = g_new0(Upstream, 1);
+        u->glue = glue;
+        u->ops = ops;
+        u->userdata = userdata;
+        u->stream = req->stream;
+        u->first_byte = USEC_INFINITY;
+        u->started = now_usec(CLOCK_MONOTONIC);
+        u->last_activity = u->started;
+        u->connect_timeout = req->connect_timeout;
+        u->first_byte_timeout = req->first_byte_timeout;
+        u->total_timeout = req->total_timeout;
+        u->idle_timeout = req->idle_timeout;
+        u->response_headers = g_ptr_array_new_with_free_func(g_free);
+        u->slot = (CurlSlot) { .done = upstream_done, .userdata = u };
+
+        e = u->easy = curl_glue_acquire(glue);
+        if (!e) {
+                upstream_free(u);
+                return -ENOMEM;
+        }
+
+        curl_easy_setopt(e, CURLOPT_URL, req->url);
+        curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+        curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+        curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
+        curl_easy_setopt(e, CURLOPT_ERRORBUFFER, u->error_buf);
+        curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, upstream_header_cb);
+        curl_easy_setopt(e, CURLOPT_HEADERDATA, u);
+        curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, upstream_write_cb);
+        curl_easy_setopt(e, CURLOPT_WRITEDATA, u);
+        curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long) (req->connect_timeout / USEC_PER_MSEC));
+        curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
+        curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
+        curl_easy_setopt(e, CURLOPT_USERAGENT, "provider-router/" PACKAGE_VERSION);
+        /* Never wait for "100 Continue": it costs a round trip on every large body. */
+        u->headers = curl_slist_append(u->headers, "Expect:");
+        u->headers = curl_slist_append(u->headers, "Accept-Encoding: identity");
+        if (req->post) {
+                curl_easy_setopt(e, CURLOPT_POST, 1L);
+                curl_easy_setopt(e, CURLOPT_POSTFIELDS, req->body);
+                curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) req->body_size);
+                u->headers = curl_slist_append(u->headers, "Content-Type: application/json");
+        }
+        if (req->stream)
+                u->headers = curl_slist_append(u->headers, "Accept: text/event-stream");
+        else
+                u->headers = curl_slist_append(u->headers, "Accept: application/json");
+        if (req->api_key) {
+                g_autofree char *h = g_strconcat("Authorization: Bearer ", req->api_key, NULL);
+                u->headers = curl_slist_append(u->headers, h);
+                explicit_bzero(h, strlen(h));
+        } else if (req->authorization) {
+                g_autofree char *h = g_strconcat("Authorization: ", req->authorization, NULL);
+                u->headers = curl_slist_append(u->headers, h);
+                explicit_bzero(h, strlen(h));
+        }
+        if (req->request_id) {
+                g_autofree char *h = g_strconcat("X-Request-Id: ", req->request_id, NULL);
+                u->headers = curl_slist_append(u->headers, h);
+        }
+        curl_easy_setopt(e, CURLOPT_HTTPHEADER, u->headers);
+
+        r = sd_event_add_time(event, &u->timer, CLOCK_MONOTONIC, upstream_deadline(u), 0, upstream_on_timer, u);
+        if (r < 0) {
+                upstream_free(u);
+                return r;
+        }
+        (void) sd_event_source_set_description(u->timer, "upstream-timer");
+
+        r = curl_glue_add(glue, e, &u->slot);
+        if (r < 0) {
+                upstream_free(u);
+                return r;
+        }
+        u->running = true;
+        *ret = u;
+        return 0;
+}
+
+Upstream *upstream_free(Upstream *u) {
+        if (!u)
+                return NULL;
+        if (u->running)
+                curl_glue_remove(u->glue, u->easy);
+        if (u->easy) {
+                /* The header list may still be referenced by the handle until it is reset. */
+                curl_glue_release(u->glue, u->easy);
+        }
+        if (u->headers) {
+                /* Wipe the Authorization line before the list goes. */
+                for (struct curl_slist *l = u->headers; l; l = l->next)
+                        if (g_str_has_prefix(l->data, "Authorization:"))
+                                explicit_bzero(l->data, strlen(l->data));
+                curl_slist_free_all(u->headers);
+        }
+        sd_event_source_disable_unref(u->timer);
+        g_ptr_array_unref(u->response_headers);
+        g_free(u->content_type);
+        g_free(u->retry_after);
+        g_free(u);
+        return NULL;
+}
+
+long upstream_status(Upstream *u) {
+        return u->status;
+}
+
+const char *upstream_content_type(Upstream *u) {
+        return u->content_type;
+}
+
+const char *upstream_retry_after(Upstream *u) {
+        return u->retry_after;
+}
+
+char **upstream_headers(Upstream *u) {
+        return u->headers_done ? (char **) u->response_headers->pdata : NULL;
+}
+
+usec_t upstream_first_byte_usec(Upstream *u) {
+        return u->first_byte;
+}
+
+bool upstream_is_paused(Upstream *u) {
+        return u->paused;
+}
+
+void upstream_pause(Upstream *u) {
+        if (u->paused || !u->running)
+                return;
+        u->paused = true;
+        (void) curl_easy_pause(u->easy, CURLPAUSE_RECV);
+}
+
+void upstream_resume(Upstream *u) {
+        if (!u->paused || !u->running)
+                return;
+        u->paused = false;
+        u->last_activity = now_usec(CLOCK_MONOTONIC);
+        /* May deliver held-back data to on_data right away. */
+        (void) curl_easy_pause(u->easy, CURLPAUSE_CONT);
+}

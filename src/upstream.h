@@ -1,0 +1,63 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+#include "curl-glue.h"
+#include "util.h"
+
+typedef enum UpstreamError {
+        UPSTREAM_OK,
+        UPSTREAM_ERROR_CONNECT,        /* refused, unreachable, DNS, TLS */
+        UPSTREAM_ERROR_CONNECT_TIMEOUT,
+        UPSTREAM_ERROR_FIRST_BYTE_TIMEOUT,
+        UPSTREAM_ERROR_TIMEOUT,        /* total time for an answer that is not streamed */
+        UPSTREAM_ERROR_IDLE_TIMEOUT,   /* a stream went silent */
+        UPSTREAM_ERROR_BROKEN,         /* the connection broke after the answer began */
+        UPSTREAM_ERROR_ABORTED,        /* our own consumer stopped it */
+        UPSTREAM_ERROR_OTHER,
+        _UPSTREAM_ERROR_MAX,
+} UpstreamError;
+
+const char *upstream_error_to_string(UpstreamError e);
+bool upstream_error_is_timeout(UpstreamError e);
+
+typedef struct Upstream Upstream;
+
+typedef struct UpstreamOps {
+        /* The status line and headers are in; upstream_status() and upstream_header_*() work. */
+        void (*on_response)(Upstream *u, void *userdata);
+        /* Body bytes. Return size to take them, CURL_WRITEFUNC_PAUSE to have them offered again
+         * after upstream_resume(), anything else to abort (on_done then reports ABORTED). */
+        size_t (*on_data)(Upstream *u, const char *data, size_t size, void *userdata);
+        /* The transfer is over; the Upstream may be freed from here. message is curl's or ours. */
+        void (*on_done)(Upstream *u, UpstreamError error, const char *message, void *userdata);
+} UpstreamOps;
+
+typedef struct UpstreamRequest {
+        const char *url;
+        bool post;
+        const char *body;           /* borrowed: must live as long as the transfer */
+        size_t body_size;
+        const char *api_key;        /* sent as "Authorization: Bearer …" */
+        const char *authorization;  /* passed through as is when api_key is NULL */
+        const char *request_id;
+        bool stream;                /* an answer that may take long: idle timeout after first byte */
+        usec_t connect_timeout;
+        usec_t first_byte_timeout;  /* until the first body byte */
+        usec_t total_timeout;       /* for answers that are not streams */
+        usec_t idle_timeout;        /* streams: longest silence after the first byte */
+} UpstreamRequest;
+
+int upstream_start(CurlGlue *glue, sd_event *event, const UpstreamRequest *req, const UpstreamOps *ops,
+                   void *userdata, Upstream **ret);
+/* Aborts a running transfer (no callback) and frees. Not from inside on_data/on_response. */
+Upstream *upstream_free(Upstream *u);
+
+long upstream_status(Upstream *u);
+const char *upstream_content_type(Upstream *u);
+const char *upstream_retry_after(Upstream *u);
+/* Response headers worth passing to the client, as alternating name, value, NULL-terminated. */
+char **upstream_headers(Upstream *u);
+usec_t upstream_first_byte_usec(Upstream *u); /* CLOCK_MONOTONIC, USEC_INFINITY if none yet */
+bool upstream_is_paused(Upstream *u);
+void upstream_pause(Upstream *u);
+void upstream_resume(Upstream *u);
