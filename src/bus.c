@@ -105,14 +105,22 @@ static int verify_and_run(sd_bus_message *message, Manager *m, AuthorizedFunc fu
         uid_t uid;
         int r;
 
-        r = sd_bus_query_sender_creds(message, SD_BUS_CREDS_EUID, &creds);
+        /* dbus-daemon vouches for the sender's uid; the effective one needs /proc, which a
+         * sandboxed service may not see, so the uid it is. */
+        r = sd_bus_query_sender_creds(message, SD_BUS_CREDS_UID | SD_BUS_CREDS_EUID | SD_BUS_CREDS_AUGMENT, &creds);
         if (r < 0)
                 return r;
         r = sd_bus_creds_get_euid(creds, &uid);
         if (r < 0)
+                r = sd_bus_creds_get_uid(creds, &uid);
+        if (r < 0)
                 return r;
 
         if (uid == 0 || uid == geteuid()) {
+                /* The handler validated the arguments already; func reads them again. */
+                r = sd_bus_message_rewind(message, true);
+                if (r < 0)
+                        return r;
                 r = func(message, m, error);
                 if (r < 0)
                         return r;
