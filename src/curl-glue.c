@@ -131,7 +131,7 @@ int curl_glue_new(sd_event *event, CurlGlue **ret) {
         if (!g->multi)
                 return -ENOMEM;
 
-        r = sd_event_add_time(event, &g->timer, CLOCK_MONOTONIC, USEC_INFINITY, 0, curl_glue_on_timer, g);
+        r = sd_event_add_time(event, &g->timer, CLOCK_MONOTONIC, USEC_INFINITY, 1, curl_glue_on_timer, g);
         if (r < 0)
                 return r;
         (void) sd_event_source_set_enabled(g->timer, SD_EVENT_OFF);

@@ -222,7 +222,7 @@ int http_server_new(sd_event *event, const HttpServerSettings *st, HttpServer **
         s->event = sd_event_ref(event);
         s->listeners = g_ptr_array_new_with_free_func((GDestroyNotify) listener_free);
 
-        r = sd_event_add_time(event, &s->timer, CLOCK_MONOTONIC, USEC_INFINITY, 0, http_server_on_timer, s);
+        r = sd_event_add_time(event, &s->timer, CLOCK_MONOTONIC, USEC_INFINITY, 1, http_server_on_timer, s);
         if (r < 0)
                 return r;
         (void) sd_event_source_set_enabled(s->timer, SD_EVENT_OFF);

@@ -315,7 +315,7 @@ int upstream_start(CurlGlue *glue, sd_event *event, const UpstreamRequest *req, 
         }
         curl_easy_setopt(e, CURLOPT_HTTPHEADER, u->headers);
 
-        r = sd_event_add_time(event, &u->timer, CLOCK_MONOTONIC, upstream_deadline(u), 0, upstream_on_timer, u);
+        r = sd_event_add_time(event, &u->timer, CLOCK_MONOTONIC, upstream_deadline(u), 1, upstream_on_timer, u);
         if (r < 0) {
                 upstream_free(u);
                 return r;
