@@ -1,0 +1,46 @@
+# Shared by scripts/run and scripts/test: package lists and a helper that installs what is
+# missing. Sourced, not executed.
+
+BUILD_DEPS="meson ninja-build pkg-config gcc libc6-dev libsystemd-dev libcurl4-openssl-dev
+libmicrohttpd-dev libjson-glib-dev libglib2.0-dev gettext scdoc bash-completion"
+
+TEST_DEPS="check python3 curl dbus-daemon dbus-bin polkitd systemd systemd-container
+debootstrap libxml2-utils nodejs npm clang libclang-rt-dev valgrind
+debhelper devscripts dpkg-dev lintian fakeroot iproute2"
+
+top=$(cd "$(dirname "$0")/.." && pwd)
+
+missing_packages() {
+        for p in "$@"; do
+                dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
+        done
+}
+
+ensure_packages() {
+        # shellcheck disable=SC2086
+        missing=$(missing_packages $@ | tr '\n' ' ')
+        [ -z "${missing% }" ] && return 0
+        echo "Installing: $missing"
+        if [ "$(id -u)" -eq 0 ]; then
+                apt_get="apt-get"
+        elif command -v sudo >/dev/null; then
+                apt_get="sudo apt-get"
+        else
+                echo "Missing packages: $missing — install them as root (apt-get install $missing)." >&2
+                return 1
+        fi
+        export DEBIAN_FRONTEND=noninteractive
+        # shellcheck disable=SC2086
+        $apt_get install -y --no-install-recommends $missing || {
+                $apt_get update && $apt_get install -y --no-install-recommends $missing
+        }
+}
+
+build() {
+        dir=${1:-build}
+        shift || true
+        if [ ! -f "$top/$dir/build.ninja" ]; then
+                meson setup "$top/$dir" "$top" "$@"
+        fi
+        ninja -C "$top/$dir"
+}
