@@ -134,8 +134,8 @@ void log_request(const RequestLogEntry *e, int level) {
         (void) snprintf(message, sizeof(message),
                         "%s %s '%s' model='%s' stream=%s route=%s -> %u in %s (first byte %s) in=%" PRIu64
                         "B out=%" PRIu64 "B%s id=%s%s%s",
-                        strna(e->provider), e->method, e->path, strempty(e->model), yes_no(e->stream),
-                        strna(e->route), e->status, duration, ttfb, e->bytes_in, e->bytes_out, tokens,
+                        e->provider ?: "-", e->method, e->path, strempty(e->model), yes_no(e->stream),
+                        e->route ?: "-", e->status, duration, ttfb, e->bytes_in, e->bytes_out, tokens,
                         e->request_id, e->error_message ? ": " : "", strempty(e->error_message));
 
         if (target == LOG_TARGET_JOURNAL) {

@@ -244,16 +244,19 @@ static void proxy_on_done(Upstream *u, UpstreamError error, const char *message,
                 return;
         }
 
-        if (!r->queued && !r->response) {
+        if (!r->queued) {
                 /* Not a byte went to the client yet: it can still get a proper error status. */
                 if (error != UPSTREAM_OK) {
+                        g_clear_pointer(&r->response, MHD_destroy_response);
                         proxy_fail(r, error, message);
                         r->upstream = upstream_free(u);
                         return;
                 }
                 r->upstream_done = true;
-                proxy_respond_stream(r, u);
+                if (!r->response)
+                        proxy_respond_stream(r, u);
                 r->upstream = upstream_free(u);
+                request_wake(r);
                 return;
         }
 

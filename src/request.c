@@ -466,6 +466,12 @@ enum MHD_Result request_access_handler(void *cls, struct MHD_Connection *connect
         if (*upload_data_size > 0) {
                 request_body_append(r, upload_data, *upload_data_size);
                 *upload_data_size = 0;
+                if (r->body_too_large && !r->dispatched) {
+                        /* Say so now instead of reading the rest; MHD then closes the connection. */
+                        r->dispatched = true;
+                        request_dispatch(r);
+                        return request_queue(r);
+                }
                 return MHD_YES;
         }
 
