@@ -259,7 +259,7 @@ int parse_size(const char *s, uint64_t *ret) {
                 default: return -EINVAL;
                 }
                 end++;
-                if (*end == 'i' || *end == 'B')
+                if (*end == 'i')
                         end++;
                 if (*end == 'B')
                         end++;
