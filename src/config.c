@@ -707,14 +707,19 @@ static void parse_environment(Parser *p, char **env) {
                 g_auto(GStrv) pairs = g_strsplit(v, ",", -1);
                 for (char **pair = pairs; *pair; pair++) {
                         g_auto(GStrv) kv = NULL;
+                        const char *colon;
                         g_strstrip(*pair);
                         if (isempty(*pair))
                                 continue;
-                        kv = g_strsplit(*pair, ":", 2);
-                        if (!kv[0] || !kv[1]) {
+                        /* At the last colon: model names may contain one ("llama3:8b"), provider names never do. */
+                        colon = strrchr(*pair, ':');
+                        if (!colon) {
                                 parser_error(p, "environment: MODEL_MAPPINGS entry '%s' is not of the form model:provider", *pair);
                                 continue;
                         }
+                        kv = g_new0(char *, 3);
+                        kv[0] = g_strndup(*pair, (gsize) (colon - *pair));
+                        kv[1] = g_strdup(colon + 1);
                         g_strstrip(kv[0]);
                         g_strstrip(kv[1]);
                         if (!model_name_is_valid(kv[0]) || isempty(kv[1])) {
