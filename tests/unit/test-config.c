@@ -1,0 +1,1107 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* config_load(): built-in defaults, key file, drop-ins, the plan's environment variables,
+ * credentials, and validation that reports every problem at once. */
+
+#include "src/config.h"
+#include "log.h"
+#include "test-util.h"
+
+static char *dir; /* scratch directory of the running test */
+
+static void setup(void) {
+        dir = test_tmpdir_new();
+}
+
+static void teardown(void) {
+        test_rm_rf(dir);
+        g_clear_pointer(&dir, g_free);
+}
+
+static char *write_conf(const char *name, const char *text) {
+        return test_write_file(dir, name, 0644, text);
+}
+
+/* Loads and insists on success; prints every error otherwise. */
+static Config *load_ok(const ConfigSources *src, GPtrArray **ret_warnings) {
+        g_autoptr(GPtrArray) errors = NULL, warnings = NULL;
+        g_autofree char *joined = NULL;
+        Config *c = NULL;
+        int r;
+
+        r = config_load(src, &c, &errors, &warnings);
+        joined = test_messages_join(errors);
+        ck_assert_msg(r == 0, "config_load() failed with %d:%s", r, joined);
+        ck_assert_ptr_nonnull(c);
+        ck_assert_ptr_null(errors);
+        ck_assert_ptr_nonnull(warnings);
+        if (ret_warnings)
+                *ret_warnings = g_steal_pointer(&warnings);
+        return c;
+}
+
+/* Loads and insists on failure with at least one error; the Config is not touched. */
+static GPtrArray *load_fail(const ConfigSources *src) {
+        Config *sentinel = (Config *) 0x1, *c = sentinel;
+        GPtrArray *errors = NULL;
+        g_autoptr(GPtrArray) warnings = NULL;
+        int r;
+
+        r = config_load(src, &c, &errors, &warnings);
+        ck_assert_int_eq(r, -EINVAL);
+        ck_assert_ptr_eq(c, sentinel);
+        ck_assert_ptr_nonnull(errors);
+        ck_assert_uint_gt(errors->len, 0);
+        ck_assert_ptr_nonnull(warnings);
+        return errors;
+}
+
+#define assert_message(messages, ...)                                                             \
+        do {                                                                                      \
+                g_autofree char *_j = test_messages_join(messages);                               \
+                ck_assert_msg(test_messages_match(messages, __VA_ARGS__, NULL),                   \
+                              "no message contains all of the expected words; got:%s", _j);       \
+        } while (0)
+
+#define assert_n_messages(messages, n)                                                            \
+        do {                                                                                      \
+                g_autofree char *_j = test_messages_join(messages);                               \
+                ck_assert_msg((messages)->len == (n), "expected %u messages, got %u:%s", (unsigned) (n), \
+                              (messages)->len, _j);                                               \
+        } while (0)
+
+static void assert_plan_defaults(const Config *c) {
+        static const char *const names[] = { "lm-studio", "qwen-proxy", "qwen-direct", "echo" };
+        ProviderConfig *p;
+
+        ck_assert_str_eq(c->host, "127.0.0.1");
+        ck_assert_uint_eq(c->port, 3001);
+        ck_assert_str_eq(c->default_provider, "lm-studio");
+        ck_assert(c->allow_provider_override);
+        ck_assert_uint_eq(c->request_timeout_usec, 120 * USEC_PER_SEC);
+        ck_assert_int_eq(c->log_level, LOG_INFO);
+        ck_assert(c->log_requests);
+        ck_assert(!c->log_responses);
+
+        ck_assert_uint_eq(c->providers->len, ELEMENTSOF(names));
+        for (size_t i = 0; i < ELEMENTSOF(names); i++)
+                ck_assert_str_eq(((ProviderConfig *) c->providers->pdata[i])->name, names[i]);
+
+        p = config_find_provider(c, "lm-studio");
+        ck_assert_int_eq(p->kind, PROVIDER_KIND_OPENAI);
+        ck_assert_str_eq(p->base_url, "http://127.0.0.1:1234/v1");
+        ck_assert_str_eq(p->default_model, "qwen3-max");
+        ck_assert_ptr_null(p->api_key);
+
+        p = config_find_provider(c, "qwen-proxy");
+        ck_assert_str_eq(p->base_url, "http://127.0.0.1:3000/v1");
+        ck_assert_ptr_null(p->default_model);
+
+        p = config_find_provider(c, "qwen-direct");
+        ck_assert_str_eq(p->base_url, "https://dashscope.aliyuncs.com/compatible-mode/v1");
+        ck_assert_str_eq(p->api_key_credential, "qwen-api-key");
+
+        p = config_find_provider(c, "echo");
+        ck_assert_int_eq(p->kind, PROVIDER_KIND_ECHO);
+        ck_assert_ptr_null(p->base_url);
+
+        ck_assert_ptr_null(config_find_provider(c, "nope"));
+        ck_assert_ptr_null(config_find_provider(c, NULL));
+}
+
+START_TEST(test_defaults_without_file) {
+        g_autofree char *path = g_build_filename(dir, "missing.conf", NULL);
+        g_auto(GStrv) env = test_environ(NULL);
+        ConfigSources src = { .path = path, .environ = env };
+        g_autoptr(GPtrArray) warnings = NULL;
+        g_autoptr(Config) c = load_ok(&src, &warnings);
+
+        assert_plan_defaults(c);
+        ck_assert_uint_eq(g_hash_table_size(c->mappings), 0);
+        ck_assert_ptr_nonnull(c->sources);
+        ck_assert_ptr_null(c->sources[0]);
+
+        /* Providers inherit the [Router] timeouts once loaded. */
+        for (guint i = 0; i < c->providers->len; i++) {
+                ProviderConfig *p = c->providers->pdata[i];
+                ck_assert_uint_eq(p->request_timeout_usec, 120 * USEC_PER_SEC);
+                ck_assert_uint_eq(p->connect_timeout_usec, c->connect_timeout_usec);
+                ck_assert_uint_eq(p->first_byte_timeout_usec, 120 * USEC_PER_SEC);
+                ck_assert_uint_eq(p->idle_timeout_usec, c->stream_idle_timeout_usec);
+        }
+
+        /* qwen-direct's key is optional unless it is the default: a warning, not an error. */
+        assert_message(warnings, "qwen-direct", "qwen-api-key");
+}
+END_TEST
+
+START_TEST(test_defaults_all_sources_null) {
+        ConfigSources src = {};
+        g_autoptr(Config) c = load_ok(&src, NULL);
+
+        assert_plan_defaults(c);
+}
+END_TEST
+
+START_TEST(test_new_default) {
+        g_autoptr(Config) c = config_new_default();
+
+        assert_plan_defaults(c);
+}
+END_TEST
+
+START_TEST(test_missing_required_file) {
+        g_autofree char *path = g_build_filename(dir, "missing.conf", NULL);
+        ConfigSources src = { .path = path, .path_required = true };
+        g_autoptr(GPtrArray) errors = load_fail(&src);
+
+        assert_n_messages(errors, 1);
+        assert_message(errors, "missing.conf");
+}
+END_TEST
+
+START_TEST(test_file_with_providers) {
+        g_autofree char *path = write_conf("router.conf",
+                "[Router]\n"
+                "Host=0.0.0.0\n"
+                "Port=8080\n"
+                "DefaultProvider=alpha\n"
+                "AllowProviderOverride=no\n"
+                "RequestTimeoutSec=60\n"
+                "ConnectTimeoutSec=2.5\n"
+                "StreamIdleTimeoutSec=90\n"
+                "LogLevel=warn\n"
+                "LogRequests=off\n"
+                "LogResponses=1\n"
+                "MaxBodySize=1M\n"
+                "MaxHeaderSize=16K\n"
+                "StreamBufferSize=128KiB\n"
+                "MaxConnections=100\n"
+                "CORSAllowOrigin=\n"
+                "\n"
+                "[Provider alpha]\n"
+                "BaseURL=http://127.0.0.1:9000/v1//\n"
+                "DefaultModel=alpha-large\n"
+                "Models=a1;a2;\n"
+                "MaxConcurrent=4\n"
+                "MaxRetries=0\n"
+                "Fallbacks=beta\n"
+                "\n"
+                "[Provider beta]\n"
+                "Kind=echo\n"
+                "RequestTimeoutSec=5\n"
+                "FirstByteTimeoutSec=1\n"
+                "\n"
+                "[ModelMappings]\n"
+                "b-model=beta\n"
+                "a-model=alpha\n");
+        g_autofree char *dropins = g_build_filename(dir, "none.d", NULL);
+        ConfigSources src = { .path = path, .dropin_dir = dropins };
+        g_autoptr(GPtrArray) warnings = NULL;
+        g_autoptr(Config) c = load_ok(&src, &warnings);
+        ProviderConfig *a, *b;
+
+        assert_n_messages(warnings, 0);
+        ck_assert_str_eq(c->host, "0.0.0.0");
+        ck_assert_uint_eq(c->port, 8080);
+        ck_assert_str_eq(c->default_provider, "alpha");
+        ck_assert(!c->allow_provider_override);
+        ck_assert_uint_eq(c->request_timeout_usec, 60 * USEC_PER_SEC);
+        ck_assert_uint_eq(c->connect_timeout_usec, 2500 * USEC_PER_MSEC);
+        ck_assert_int_eq(c->log_level, LOG_WARNING);
+        ck_assert(!c->log_requests);
+        ck_assert(c->log_responses);
+        ck_assert_uint_eq(c->max_body_size, 1024 * 1024);
+        ck_assert_uint_eq(c->max_header_size, 16 * 1024);
+        ck_assert_uint_eq(c->stream_buffer_size, 128 * 1024);
+        ck_assert_uint_eq(c->max_connections, 100);
+        ck_assert_ptr_null(c->cors_allow_origin); /* empty disables CORS */
+
+        /* A file that defines providers gets exactly those, in file order. */
+        ck_assert_uint_eq(c->providers->len, 2);
+        a = c->providers->pdata[0];
+        b = c->providers->pdata[1];
+        ck_assert_str_eq(a->name, "alpha");
+        ck_assert_str_eq(b->name, "beta");
+        ck_assert_ptr_null(config_find_provider(c, "lm-studio"));
+        ck_assert_ptr_null(config_find_provider(c, "echo"));
+
+        ck_assert_int_eq(a->kind, PROVIDER_KIND_OPENAI);
+        ck_assert_str_eq(a->base_url, "http://127.0.0.1:9000/v1"); /* trailing slashes dropped */
+        ck_assert_str_eq(a->default_model, "alpha-large");
+        ck_assert_ptr_nonnull(a->models);
+        ck_assert_uint_eq(g_strv_length(a->models), 2);
+        ck_assert_str_eq(a->models[0], "a1");
+        ck_assert_str_eq(a->models[1], "a2");
+        ck_assert_uint_eq(a->max_concurrent, 4);
+        ck_assert_uint_eq(a->max_retries, 0);
+        ck_assert_uint_eq(g_strv_length(a->fallbacks), 1);
+        ck_assert_str_eq(a->fallbacks[0], "beta");
+        ck_assert_uint_eq(a->request_timeout_usec, 60 * USEC_PER_SEC);       /* inherited */
+        ck_assert_uint_eq(a->first_byte_timeout_usec, 60 * USEC_PER_SEC);    /* = request timeout */
+        ck_assert_uint_eq(a->connect_timeout_usec, 2500 * USEC_PER_MSEC);
+        ck_assert_uint_eq(a->idle_timeout_usec, 90 * USEC_PER_SEC);
+
+        ck_assert_int_eq(b->kind, PROVIDER_KIND_ECHO);
+        ck_assert_ptr_null(b->base_url);
+        ck_assert_uint_eq(b->request_timeout_usec, 5 * USEC_PER_SEC);
+        ck_assert_uint_eq(b->first_byte_timeout_usec, 1 * USEC_PER_SEC);
+        ck_assert_uint_eq(b->max_retries, 2);
+
+        ck_assert_uint_eq(g_hash_table_size(c->mappings), 2);
+        ck_assert_str_eq(g_hash_table_lookup(c->mappings, "b-model"), "beta");
+        ck_assert_str_eq(g_hash_table_lookup(c->mappings, "a-model"), "alpha");
+        ck_assert_uint_eq(c->mapping_order->len, 2);
+        ck_assert_str_eq(c->mapping_order->pdata[0], "b-model");
+        ck_assert_str_eq(c->mapping_order->pdata[1], "a-model");
+
+        ck_assert_uint_eq(g_strv_length(c->sources), 1);
+        ck_assert_str_eq(c->sources[0], path);
+}
+END_TEST
+
+START_TEST(test_file_without_providers_gets_builtins) {
+        g_autofree char *path = write_conf("router.conf",
+                "[Router]\nPort=4000\n\n[ModelMappings]\ncoder=echo\n");
+        ConfigSources src = { .path = path };
+        g_autoptr(Config) c = load_ok(&src, NULL);
+
+        ck_assert_uint_eq(c->port, 4000);
+        ck_assert_uint_eq(c->providers->len, 4);
+        ck_assert_ptr_nonnull(config_find_provider(c, "echo"));
+        ck_assert_str_eq(g_hash_table_lookup(c->mappings, "coder"), "echo");
+}
+END_TEST
+
+START_TEST(test_dropins_in_lexical_order) {
+        g_autofree char *path = write_conf("router.conf",
+                "[Router]\n"
+                "Port=1000\n"
+                "LogLevel=info\n"
+                "[Provider lm-studio]\n"
+                "BaseURL=http://127.0.0.1:1234/v1\n"
+                "DefaultModel=qwen3-max\n"
+                "[Provider echo]\n"
+                "Kind=echo\n"
+                "[ModelMappings]\n"
+                "m1=lm-studio\n"
+                "m2=lm-studio\n");
+        g_autofree char *d05 = write_conf("router.conf.d/05-c.conf", "[Router]\nPort=5000\nLogLevel=debug\n");
+        g_autofree char *d10 = write_conf("router.conf.d/10-a.conf",
+                "[Router]\nPort=1010\n"
+                "[Provider lm-studio]\nBaseURL=http://127.0.0.1:4321/v1\n"
+                "[ModelMappings]\nm3=echo\nm2=echo\n");
+        /* "100-…" sorts before "20-…": the order is lexical, not numeric. */
+        g_autofree char *d100 = write_conf("router.conf.d/100-x.conf", "[Router]\nPort=1100\n");
+        g_autofree char *d20 = write_conf("router.conf.d/20-b.conf", "[Router]\nPort=2000\n[ModelMappings]\nm1=\n");
+        g_autofree char *ignored1 = write_conf("router.conf.d/99-z.conf.disabled", "[Router]\nPort=9\n");
+        g_autofree char *ignored2 = write_conf("router.conf.d/.hidden.conf", "[Router]\nPort=8\n");
+        ConfigSources src = { .path = path };
+        g_autoptr(Config) c = load_ok(&src, NULL);
+        ProviderConfig *p;
+
+        ck_assert_uint_eq(c->port, 2000);
+        ck_assert_int_eq(c->log_level, LOG_DEBUG);
+
+        /* A drop-in overrides single keys of a group and keeps the others. */
+        p = config_find_provider(c, "lm-studio");
+        ck_assert_str_eq(p->base_url, "http://127.0.0.1:4321/v1");
+        ck_assert_str_eq(p->default_model, "qwen3-max");
+        ck_assert_uint_eq(c->providers->len, 2);
+
+        /* m1 removed by an empty value, m2 remapped, m3 added. */
+        ck_assert(!g_hash_table_contains(c->mappings, "m1"));
+        ck_assert_str_eq(g_hash_table_lookup(c->mappings, "m2"), "echo");
+        ck_assert_str_eq(g_hash_table_lookup(c->mappings, "m3"), "echo");
+        ck_assert_uint_eq(g_hash_table_size(c->mappings), 2);
+        ck_assert_uint_eq(c->mapping_order->len, 2);
+        ck_assert_str_eq(c->mapping_order->pdata[0], "m2");
+        ck_assert_str_eq(c->mapping_order->pdata[1], "m3");
+
+        ck_assert_uint_eq(g_strv_length(c->sources), 5);
+        ck_assert_str_eq(c->sources[0], path);
+        ck_assert_str_eq(c->sources[1], d05);
+        ck_assert_str_eq(c->sources[2], d10);
+        ck_assert_str_eq(c->sources[3], d100);
+        ck_assert_str_eq(c->sources[4], d20);
+}
+END_TEST
+
+START_TEST(test_dropin_dir_explicit_without_main_file) {
+        g_autofree char *d1 = write_conf("conf.d/a.conf", "[Router]\nPort=1111\n[ModelMappings]\nx=echo\n");
+        g_autofree char *d2 = write_conf("conf.d/b.conf", "[ModelMappings]\nx=\n");
+        g_autofree char *dropins = g_build_filename(dir, "conf.d", NULL);
+        ConfigSources src = { .dropin_dir = dropins };
+        g_autoptr(Config) c = load_ok(&src, NULL);
+
+        ck_assert_uint_eq(c->port, 1111);
+        ck_assert_uint_eq(g_hash_table_size(c->mappings), 0);
+        ck_assert_uint_eq(c->mapping_order->len, 0);
+        ck_assert_uint_eq(c->providers->len, 4);
+}
+END_TEST
+
+START_TEST(test_dropin_error_names_file) {
+        g_autofree char *path = write_conf("router.conf", "[Router]\nPort=3001\n");
+        g_autofree char *bad = write_conf("router.conf.d/50-bad.conf", "[Router]\nPort=0\n");
+        ConfigSources src = { .path = path };
+        g_autoptr(GPtrArray) errors = load_fail(&src);
+
+        assert_n_messages(errors, 1);
+        assert_message(errors, "50-bad.conf", "Port", "'0'");
+}
+END_TEST
+
+static const char plan_file[] =
+        "[Router]\n"
+        "Host=127.0.0.1\n"
+        "Port=3001\n"
+        "DefaultProvider=lm-studio\n"
+        "RequestTimeoutSec=120\n"
+        "LogLevel=info\n"
+        "LogRequests=true\n"
+        "LogResponses=false\n"
+        "[Provider lm-studio]\n"
+        "BaseURL=http://127.0.0.1:1234/v1\n"
+        "DefaultModel=qwen3-max\n"
+        "[Provider qwen-proxy]\n"
+        "BaseURL=http://127.0.0.1:3000/v1\n"
+        "[Provider qwen-direct]\n"
+        "BaseURL=https://dashscope.aliyuncs.com/compatible-mode/v1\n"
+        "APIKeyCredential=qwen-api-key\n"
+        "[ModelMappings]\n"
+        "qwen3-coder=lm-studio\n";
+
+START_TEST(test_env_overrides_file) {
+        g_autofree char *path = write_conf("router.conf", plan_file);
+        g_auto(GStrv) env = test_environ(
+                "PORT=4000",
+                "HOST=::1",
+                "DEFAULT_PROVIDER=qwen-direct",
+                "LM_STUDIO_BASE_URL=http://127.0.0.1:5555/v1",
+                "LM_STUDIO_DEFAULT_MODEL=llama-3.1-8b",
+                "QWEN_PROXY_BASE_URL=http://127.0.0.1:3333",
+                "QWEN_API_KEY=sk-test-123",
+                "QWEN_BASE_URL=https://qwen.example.invalid/api/v1",
+                "MODEL_MAPPINGS=qwen3-coder:qwen-proxy, qwen3-max : qwen-direct ,",
+                "LOG_LEVEL=debug",
+                "LOG_REQUESTS=false",
+                "LOG_RESPONSES=yes",
+                "REQUEST_TIMEOUT=30000",
+                "UNRELATED=1",
+                NULL);
+        ConfigSources src = { .path = path, .environ = env };
+        g_autoptr(Config) c = load_ok(&src, NULL);
+        ProviderConfig *p;
+
+        ck_assert_uint_eq(c->port, 4000);
+        ck_assert_str_eq(c->host, "::1");
+        ck_assert_str_eq(c->default_provider, "qwen-direct");
+        ck_assert_int_eq(c->log_level, LOG_DEBUG);
+        ck_assert(!c->log_requests);
+        ck_assert(c->log_responses);
+        ck_assert_uint_eq(c->request_timeout_usec, 30 * USEC_PER_SEC);
+
+        p = config_find_provider(c, "lm-studio");
+        ck_assert_str_eq(p->base_url, "http://127.0.0.1:5555/v1");
+        ck_assert_str_eq(p->default_model, "llama-3.1-8b");
+        ck_assert_uint_eq(p->request_timeout_usec, 30 * USEC_PER_SEC);
+
+        p = config_find_provider(c, "qwen-proxy");
+        ck_assert_str_eq(p->base_url, "http://127.0.0.1:3333/v1");
+
+        p = config_find_provider(c, "qwen-direct");
+        ck_assert_str_eq(p->base_url, "https://qwen.example.invalid/api/v1");
+        ck_assert_str_eq(p->api_key, "sk-test-123");
+        ck_assert_ptr_nonnull(p->api_key_source);
+        ck_assert_ptr_nonnull(strstr(p->api_key_source, "QWEN_API_KEY"));
+        ck_assert_ptr_null(strstr(p->api_key_source, "sk-test"));
+
+        ck_assert_uint_eq(g_hash_table_size(c->mappings), 2);
+        ck_assert_str_eq(g_hash_table_lookup(c->mappings, "qwen3-coder"), "qwen-proxy");
+        ck_assert_str_eq(g_hash_table_lookup(c->mappings, "qwen3-max"), "qwen-direct");
+}
+END_TEST
+
+START_TEST(test_env_qwen_proxy_gets_v1) {
+        static const struct {
+                const char *value;
+                const char *expected;
+        } cases[] = {
+                { "http://127.0.0.1:3000", "http://127.0.0.1:3000/v1" },
+                { "http://127.0.0.1:3000/", "http://127.0.0.1:3000/v1" },
+                { "http://127.0.0.1:3000/v1", "http://127.0.0.1:3000/v1" },
+                { "http://127.0.0.1:3000/v1/", "http://127.0.0.1:3000/v1" },
+                { "https://proxy.example.invalid/qwen", "https://proxy.example.invalid/qwen/v1" },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(cases); i++) {
+                g_autofree char *var = g_strconcat("QWEN_PROXY_BASE_URL=", cases[i].value, NULL);
+                g_auto(GStrv) env = test_environ(var, NULL);
+                ConfigSources src = { .environ = env };
+                g_autoptr(Config) c = load_ok(&src, NULL);
+
+                ck_assert_str_eq(config_find_provider(c, "qwen-proxy")->base_url, cases[i].expected);
+        }
+}
+END_TEST
+
+START_TEST(test_env_creates_plan_providers) {
+        /* The file names other providers; the plan's variables still work. */
+        g_autofree char *path = write_conf("router.conf",
+                "[Router]\nDefaultProvider=mine\n[Provider mine]\nBaseURL=http://127.0.0.1:7000/v1\n");
+        g_auto(GStrv) env = test_environ("LM_STUDIO_BASE_URL=http://127.0.0.1:1235/v1",
+                                         "QWEN_API_KEY=sk-abc", NULL);
+        ConfigSources src = { .path = path, .environ = env };
+        g_autoptr(Config) c = load_ok(&src, NULL);
+        ProviderConfig *p;
+
+        ck_assert_uint_eq(c->providers->len, 3);
+        ck_assert_str_eq(((ProviderConfig *) c->providers->pdata[0])->name, "mine");
+        p = config_find_provider(c, "lm-studio");
+        ck_assert_str_eq(p->base_url, "http://127.0.0.1:1235/v1");
+        ck_assert_str_eq(p->default_model, "qwen3-max"); /* the rest from the built-in defaults */
+        p = config_find_provider(c, "qwen-direct");
+        ck_assert_str_eq(p->api_key, "sk-abc");
+        ck_assert_str_eq(p->base_url, "https://dashscope.aliyuncs.com/compatible-mode/v1");
+        ck_assert_ptr_null(config_find_provider(c, "qwen-proxy"));
+}
+END_TEST
+
+START_TEST(test_env_empty_values_ignored) {
+        g_auto(GStrv) env = test_environ("PORT=", "DEFAULT_PROVIDER=", "LOG_LEVEL=", "MODEL_MAPPINGS=", NULL);
+        ConfigSources src = { .environ = env };
+        g_autoptr(Config) c = load_ok(&src, NULL);
+
+        assert_plan_defaults(c);
+}
+END_TEST
+
+START_TEST(test_env_only_supplied_environ_is_read) {
+        g_auto(GStrv) env = test_environ(NULL);
+        ConfigSources src = { .environ = env };
+        g_autoptr(Config) c = NULL;
+
+        /* The process environment is not the source: tests and --check-config pass their own. */
+        g_setenv("PORT", "4444", TRUE);
+        g_setenv("DEFAULT_PROVIDER", "echo", TRUE);
+        c = load_ok(&src, NULL);
+        g_unsetenv("PORT");
+        g_unsetenv("DEFAULT_PROVIDER");
+        ck_assert_uint_eq(c->port, 3001);
+        ck_assert_str_eq(c->default_provider, "lm-studio");
+}
+END_TEST
+
+START_TEST(test_env_mapping_model_with_colon) {
+        /* Ollama-style model names contain a colon; provider names never do. */
+        g_auto(GStrv) env = test_environ("MODEL_MAPPINGS=llama3:8b:lm-studio,qwen3-coder:echo", NULL);
+        ConfigSources src = { .environ = env };
+        g_autoptr(Config) c = load_ok(&src, NULL);
+
+        ck_assert_uint_eq(g_hash_table_size(c->mappings), 2);
+        ck_assert_str_eq(g_hash_table_lookup(c->mappings, "llama3:8b"), "lm-studio");
+        ck_assert_str_eq(g_hash_table_lookup(c->mappings, "qwen3-coder"), "echo");
+}
+END_TEST
+
+START_TEST(test_env_errors_all_reported) {
+        g_auto(GStrv) env = test_environ(
+                "PORT=70000",
+                "LOG_LEVEL=verbose",
+                "LOG_REQUESTS=maybe",
+                "LOG_RESPONSES=2",
+                "REQUEST_TIMEOUT=1.5s",
+                "LM_STUDIO_BASE_URL=ftp://127.0.0.1/v1",
+                "QWEN_BASE_URL=dashscope",
+                "MODEL_MAPPINGS=nocolon,ok:echo,:echo",
+                "LM_STUDIO_DEFAULT_MODEL=bad\x01model",
+                NULL);
+        ConfigSources src = { .environ = env };
+        g_autoptr(GPtrArray) errors = load_fail(&src);
+
+        assert_message(errors, "PORT", "70000");
+        assert_message(errors, "LOG_LEVEL", "verbose");
+        assert_message(errors, "LOG_REQUESTS", "maybe");
+        assert_message(errors, "LOG_RESPONSES", "'2'");
+        assert_message(errors, "REQUEST_TIMEOUT", "1.5s");
+        assert_message(errors, "LM_STUDIO_BASE_URL", "ftp://");
+        assert_message(errors, "QWEN_BASE_URL", "dashscope");
+        assert_message(errors, "MODEL_MAPPINGS", "nocolon");
+        assert_message(errors, "MODEL_MAPPINGS", "':echo'");
+        assert_message(errors, "LM_STUDIO_DEFAULT_MODEL");
+        assert_n_messages(errors, 10);
+}
+END_TEST
+
+START_TEST(test_env_request_timeout_zero) {
+        g_auto(GStrv) env = test_environ("REQUEST_TIMEOUT=0", NULL);
+        ConfigSources src = { .environ = env };
+        g_autoptr(GPtrArray) errors = load_fail(&src);
+
+        assert_n_messages(errors, 1);
+        assert_message(errors, "REQUEST_TIMEOUT");
+}
+END_TEST
+
+/* One bad setting each: the load fails with exactly one error that contains all the words. */
+typedef struct BadCase {
+        const char *conf;
+        const char *env;       /* one NAME=value, or NULL */
+        const char *words[4];
+        unsigned n_errors;     /* 0 means 1 */
+} BadCase;
+
+static void check_bad_cases(const BadCase *cases, size_t n) {
+        for (size_t i = 0; i < n; i++) {
+                g_autofree char *path = write_conf("bad.conf", cases[i].conf);
+                g_autofree char *dropins = g_build_filename(dir, "none.d", NULL);
+                g_auto(GStrv) env = test_environ(cases[i].env, NULL);
+                ConfigSources src = { .path = path, .dropin_dir = dropins, .environ = env };
+                g_autoptr(GPtrArray) errors = NULL;
+                g_autofree char *joined = NULL;
+                Config *c = NULL;
+                int r;
+
+                r = config_load(&src, &c, &errors, NULL);
+                joined = test_messages_join(errors);
+                ck_assert_msg(r == -EINVAL, "case %zu (%s%s) loaded", i, cases[i].conf, strempty(cases[i].env));
+                ck_assert_ptr_null(c);
+                ck_assert_msg(errors->len == MAX(cases[i].n_errors, 1u), "case %zu: expected %u error(s), got %u:%s", i,
+                              MAX(cases[i].n_errors, 1u), errors->len, joined);
+                ck_assert_msg(test_messages_match(errors, cases[i].words[0], cases[i].words[1],
+                                                  cases[i].words[2], cases[i].words[3], NULL),
+                              "case %zu: error does not name '%s' '%s': %s", i, cases[i].words[0],
+                              strempty(cases[i].words[1]), joined);
+        }
+}
+
+#define P_HEAD "[Router]\nDefaultProvider=p\n[Provider p]\n"
+#define ONE_PROVIDER P_HEAD "BaseURL=http://127.0.0.1:9/v1\n"
+
+START_TEST(test_validate_plan_cases) {
+        static const BadCase cases[] = {
+                /* validateConfig(): port */
+                { "[Router]\nPort=0\n", NULL, { "Port", "'0'", "1 and 65535" } },
+                { "[Router]\nPort=65536\n", NULL, { "Port", "65536" } },
+                { "[Router]\nPort=-1\n", NULL, { "Port", "'-1'" } },
+                { "[Router]\nPort=http\n", NULL, { "Port", "'http'" } },
+                { "[Router]\nPort=80x\n", NULL, { "Port", "'80x'" } },
+                { "", "PORT=abc", { "PORT", "'abc'" } },
+                /* validateConfig(): default provider must exist */
+                { "[Router]\nDefaultProvider=nope\n", NULL, { "DefaultProvider", "'nope'", "lm-studio" } },
+                { "", "DEFAULT_PROVIDER=nope", { "DefaultProvider", "'nope'", "known" } },
+                { "[Router]\nDefaultProvider=\n", NULL, { "DefaultProvider" } },
+                /* validateConfig(): QWEN_API_KEY required when DEFAULT_PROVIDER=qwen-direct */
+                { "", "DEFAULT_PROVIDER=qwen-direct", { "QWEN_API_KEY", "required", "qwen-direct" } },
+                { "[Router]\nDefaultProvider=qwen-direct\n", NULL, { "QWEN_API_KEY", "required" } },
+                /* validateConfig(): log level */
+                { "[Router]\nLogLevel=verbose\n", NULL, { "LogLevel", "'verbose'" } },
+                { "[Router]\nLogLevel=emerg\n", NULL, { "LogLevel", "'emerg'" } },
+                { "", "LOG_LEVEL=trace", { "LOG_LEVEL", "'trace'" } },
+        };
+
+        check_bad_cases(cases, ELEMENTSOF(cases));
+}
+END_TEST
+
+START_TEST(test_validate_more_cases) {
+        static const BadCase cases[] = {
+                /* URLs: the bad value, and then the provider has none */
+                { P_HEAD "BaseURL=ftp://127.0.0.1/v1\n", NULL, { "[Provider p]", "BaseURL", "ftp://" }, 2 },
+                { P_HEAD "BaseURL=not a url\n", NULL, { "BaseURL", "'not a url'" }, 2 },
+                { P_HEAD "BaseURL=http://\n", NULL, { "BaseURL", "'http://'" }, 2 },
+                { P_HEAD "BaseURL=127.0.0.1:1234/v1\n", NULL, { "BaseURL", "'127.0.0.1:1234/v1'" }, 2 },
+                { P_HEAD "BaseURL=\n", NULL, { "BaseURL", "''" }, 2 },
+                { "[Router]\nDefaultProvider=p\n[Provider p]\nDefaultModel=x\n", NULL, { "'p'", "no BaseURL" } },
+                /* mappings */
+                { ONE_PROVIDER "[ModelMappings]\nm=nope\n", NULL, { "'m'", "'nope'", "not configured", "known: p" } },
+                { ONE_PROVIDER, "MODEL_MAPPINGS=m:nope", { "'m'", "'nope'" } },
+                /* booleans */
+                { "[Router]\nAllowProviderOverride=maybe\n", NULL, { "AllowProviderOverride", "'maybe'", "boolean" } },
+                { "[Router]\nLogRequests=2\n", NULL, { "LogRequests", "'2'" } },
+                { "[Router]\nLogResponses=\n", NULL, { "LogResponses" } },
+                /* sizes */
+                { "[Router]\nMaxBodySize=12\n", NULL, { "MaxBodySize", "'12'", "between" } },
+                { "[Router]\nMaxBodySize=1X\n", NULL, { "MaxBodySize", "'1X'" } },
+                { "[Router]\nMaxBodySize=1KBB\n", NULL, { "MaxBodySize", "'1KBB'" } },
+                { "[Router]\nMaxBodySize=-1M\n", NULL, { "MaxBodySize", "'-1M'" } },
+                { "[Router]\nMaxHeaderSize=2G\n", NULL, { "MaxHeaderSize", "'2G'" } },
+                { "[Router]\nMaxBodySize=99999999999999999999G\n", NULL, { "MaxBodySize" } },
+                { "[Router]\nStreamBufferSize=1 M\n", NULL, { "StreamBufferSize" } },
+                { "[Router]\nMaxConnections=0\n", NULL, { "MaxConnections", "'0'" } },
+                /* timeouts */
+                { "[Router]\nRequestTimeoutSec=0\n", NULL, { "RequestTimeoutSec", "'0'", "seconds" } },
+                { "[Router]\nRequestTimeoutSec=-5\n", NULL, { "RequestTimeoutSec", "'-5'" } },
+                { "[Router]\nRequestTimeoutSec=abc\n", NULL, { "RequestTimeoutSec", "'abc'" } },
+                { "[Router]\nRequestTimeoutSec=nan\n", NULL, { "RequestTimeoutSec", "'nan'" } },
+                { "[Router]\nRequestTimeoutSec=inf\n", NULL, { "RequestTimeoutSec", "'inf'" } },
+                { "[Router]\nConnectTimeoutSec=10s\n", NULL, { "ConnectTimeoutSec", "'10s'" } },
+                { "[Router]\nStreamIdleTimeoutSec=99999999999\n", NULL, { "StreamIdleTimeoutSec" } },
+                { ONE_PROVIDER "RequestTimeoutSec=0.0000001\n", NULL, { "[Provider p]", "RequestTimeoutSec" } },
+                { ONE_PROVIDER "FirstByteTimeoutSec=x\n", NULL, { "[Provider p]", "FirstByteTimeoutSec" } },
+                /* provider names and keys */
+                { "[Provider bad/name]\nBaseURL=http://127.0.0.1:9/v1\n", NULL, { "'bad/name'", "invalid" } },
+                { "[Provider with space]\nKind=echo\n", NULL, { "'with space'", "invalid" } },
+                { "[Provider ]\nKind=echo\n", NULL, { "''", "invalid" } },
+                { "[Provider " "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" "]\nKind=echo\n",
+                  NULL, { "invalid", "1-64" } },
+                { ONE_PROVIDER "Kind=magic\n", NULL, { "Kind", "'magic'" } },
+                { ONE_PROVIDER "DefaultModel=bad\\tmodel\n", NULL, { "DefaultModel" } },
+                { ONE_PROVIDER "Models=good;bad\\nname\n", NULL, { "Models", "invalid model name" } },
+                { ONE_PROVIDER "MaxRetries=11\n", NULL, { "MaxRetries", "'11'" } },
+                { ONE_PROVIDER "MaxConcurrent=lots\n", NULL, { "MaxConcurrent", "'lots'" } },
+                { ONE_PROVIDER "APIKeyCredential=../etc/key\n", NULL, { "APIKeyCredential", "not a path" } },
+                { ONE_PROVIDER "APIKeyCredential=..\n", NULL, { "APIKeyCredential" } },
+                { ONE_PROVIDER "APIKeyFile=relative/key\n", NULL, { "APIKeyFile", "absolute" } },
+                /* fallbacks */
+                { ONE_PROVIDER "Fallbacks=nope\n", NULL, { "'p'", "fallback 'nope'", "not a configured" } },
+                { ONE_PROVIDER "Fallbacks=p\n", NULL, { "'p'", "itself" } },
+                /* [Router] Host */
+                { "[Router]\nHost=\n", NULL, { "Host" } },
+                /* mapping keys */
+                { "[ModelMappings]\n"
+                  "mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm"
+                  "mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm"
+                  "mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm=echo\n",
+                  NULL, { "[ModelMappings]", "not a valid model name" } },
+                /* syntax */
+                { "[Router\nPort=1\n", NULL, { "bad.conf" } },
+                { "Port=1\n", NULL, { "bad.conf" } },
+        };
+
+        check_bad_cases(cases, ELEMENTSOF(cases));
+}
+END_TEST
+
+START_TEST(test_inline_api_key_refused) {
+        g_autofree char *path = write_conf("router.conf",
+                ONE_PROVIDER "APIKey=sk-very-secret-value\n");
+        ConfigSources src = { .path = path };
+        g_autoptr(GPtrArray) errors = load_fail(&src);
+
+        assert_n_messages(errors, 1);
+        assert_message(errors, "APIKey=", "APIKeyCredential=");
+        /* The secret itself never appears in a message. */
+        ck_assert(!test_messages_match(errors, "sk-very-secret", NULL));
+}
+END_TEST
+
+START_TEST(test_api_key_file) {
+        g_autofree char *key = test_write_file(dir, "secret-key", 0600, "sk-from-file\n");
+        g_autofree char *conf = g_strdup_printf(ONE_PROVIDER "APIKeyFile=%s\n", key);
+        g_autofree char *path = write_conf("router.conf", conf);
+        ConfigSources src = { .path = path };
+        g_autoptr(Config) c = load_ok(&src, NULL);
+        ProviderConfig *p = config_find_provider(c, "p");
+
+        ck_assert_str_eq(p->api_key, "sk-from-file"); /* trailing newline is not part of it */
+        ck_assert_ptr_nonnull(strstr(p->api_key_source, key));
+        ck_assert_ptr_null(strstr(p->api_key_source, "sk-from-file"));
+}
+END_TEST
+
+START_TEST(test_api_key_file_world_readable_refused) {
+        g_autofree char *key = test_write_file(dir, "secret-key", 0644, "sk-world\n");
+        g_autofree char *conf = g_strdup_printf(ONE_PROVIDER "APIKeyFile=%s\n", key);
+        g_autofree char *path = write_conf("router.conf", conf);
+        ConfigSources src = { .path = path };
+        g_autoptr(GPtrArray) errors = load_fail(&src);
+
+        assert_n_messages(errors, 1);
+        assert_message(errors, "'p'", key, "readable by everyone");
+        ck_assert(!test_messages_match(errors, "sk-world", NULL));
+}
+END_TEST
+
+START_TEST(test_api_key_file_problems) {
+        g_autofree char *empty = test_write_file(dir, "empty-key", 0600, "\n");
+        g_autofree char *missing = g_build_filename(dir, "missing-key", NULL);
+        g_autofree char *conf = g_strdup_printf(
+                "[Router]\nDefaultProvider=p\n"
+                "[Provider p]\nBaseURL=http://127.0.0.1:9/v1\nAPIKeyFile=%s\n"
+                "[Provider q]\nBaseURL=http://127.0.0.1:9/v1\nAPIKeyFile=%s\n"
+                "[Provider r]\nBaseURL=http://127.0.0.1:9/v1\nAPIKeyFile=%s\n",
+                empty, missing, dir);
+        g_autofree char *path = write_conf("router.conf", conf);
+        ConfigSources src = { .path = path };
+        g_autoptr(GPtrArray) errors = load_fail(&src);
+
+        assert_n_messages(errors, 3);
+        assert_message(errors, "'p'", "empty");
+        assert_message(errors, "'q'", "missing-key");
+        assert_message(errors, "'r'", "APIKeyFile");
+}
+END_TEST
+
+START_TEST(test_credentials_dir) {
+        g_autofree char *creds = g_build_filename(dir, "credentials", NULL);
+        g_autofree char *cred = test_write_file(creds, "qwen-api-key", 0644, "sk-credential\n");
+        g_auto(GStrv) env = test_environ("DEFAULT_PROVIDER=qwen-direct", NULL);
+        ConfigSources src = { .environ = env, .credentials_dir = creds };
+        g_autoptr(GPtrArray) warnings = NULL;
+        g_autoptr(Config) c = load_ok(&src, &warnings);
+        ProviderConfig *p = config_find_provider(c, "qwen-direct");
+
+        ck_assert_str_eq(c->default_provider, "qwen-direct");
+        ck_assert_str_eq(p->api_key, "sk-credential");
+        ck_assert_ptr_nonnull(strstr(p->api_key_source, "qwen-api-key"));
+        ck_assert(!test_messages_match(warnings, "qwen-direct", NULL));
+}
+END_TEST
+
+START_TEST(test_credentials_dir_without_credential) {
+        g_autofree char *creds = g_build_filename(dir, "credentials", NULL);
+        g_auto(GStrv) env = test_environ("DEFAULT_PROVIDER=qwen-direct", NULL);
+        ConfigSources src = { .environ = env, .credentials_dir = creds };
+        g_autoptr(GPtrArray) errors = NULL;
+
+        ck_assert_int_eq(g_mkdir(creds, 0700), 0);
+        errors = load_fail(&src);
+        assert_n_messages(errors, 1);
+        assert_message(errors, "QWEN_API_KEY", "qwen-api-key");
+}
+END_TEST
+
+START_TEST(test_qwen_api_key_env_satisfies_default) {
+        g_autofree char *creds = g_build_filename(dir, "credentials", NULL);
+        g_autofree char *cred = test_write_file(creds, "qwen-api-key", 0600, "sk-credential");
+        g_auto(GStrv) env = test_environ("DEFAULT_PROVIDER=qwen-direct", "QWEN_API_KEY=sk-env", NULL);
+        ConfigSources src = { .environ = env, .credentials_dir = creds };
+        g_autoptr(Config) c = load_ok(&src, NULL);
+
+        /* The plan's variable overrides, like every other one. */
+        ck_assert_str_eq(config_find_provider(c, "qwen-direct")->api_key, "sk-env");
+}
+END_TEST
+
+START_TEST(test_api_key_env) {
+        g_autofree char *path = write_conf("router.conf",
+                ONE_PROVIDER "APIKeyEnv=P_KEY\n"
+                "[Provider q]\nBaseURL=http://127.0.0.1:9/v1\nAPIKeyEnv=Q_KEY\n");
+        g_auto(GStrv) env = test_environ("P_KEY=sk-p", NULL);
+        ConfigSources src = { .path = path, .environ = env };
+        g_autoptr(GPtrArray) warnings = NULL;
+        g_autoptr(Config) c = NULL;
+
+        g_setenv("Q_KEY", "sk-process", TRUE); /* not in the supplied environment: not used */
+        c = load_ok(&src, &warnings);
+        g_unsetenv("Q_KEY");
+
+        ck_assert_str_eq(config_find_provider(c, "p")->api_key, "sk-p");
+        ck_assert_ptr_nonnull(strstr(config_find_provider(c, "p")->api_key_source, "P_KEY"));
+        ck_assert_ptr_null(config_find_provider(c, "q")->api_key);
+        assert_n_messages(warnings, 1);
+        assert_message(warnings, "'q'", "Q_KEY");
+        ck_assert(!test_messages_match(warnings, "sk-", NULL));
+}
+END_TEST
+
+START_TEST(test_api_key_env_missing_for_default) {
+        g_autofree char *path = write_conf("router.conf", ONE_PROVIDER "APIKeyEnv=P_KEY\n");
+        ConfigSources src = { .path = path };
+        g_autoptr(GPtrArray) errors = load_fail(&src);
+
+        assert_n_messages(errors, 1);
+        assert_message(errors, "'p'", "default provider", "P_KEY");
+}
+END_TEST
+
+START_TEST(test_many_errors_all_reported) {
+        g_autofree char *path = write_conf("router.conf",
+                "[Router]\n"
+                "Port=0\n"
+                "LogLevel=loud\n"
+                "AllowProviderOverride=perhaps\n"
+                "RequestTimeoutSec=-1\n"
+                "DefaultProvider=ghost\n"
+                "[Provider a]\n"
+                "BaseURL=gopher://127.0.0.1/\n"
+                "APIKey=sk-inline\n"
+                "Fallbacks=a;nobody\n"
+                "[Provider b!]\n"
+                "Kind=echo\n"
+                "[ModelMappings]\n"
+                "m=phantom\n");
+        g_autofree char *dropin = write_conf("router.conf.d/10-more.conf", "[Router]\nMaxBodySize=tiny\n");
+        g_auto(GStrv) env = test_environ("REQUEST_TIMEOUT=never", "MODEL_MAPPINGS=broken", NULL);
+        ConfigSources src = { .path = path, .environ = env };
+        g_autoptr(GPtrArray) errors = load_fail(&src);
+
+        assert_message(errors, "Port", "'0'");
+        assert_message(errors, "LogLevel", "'loud'");
+        assert_message(errors, "AllowProviderOverride", "'perhaps'");
+        assert_message(errors, "RequestTimeoutSec", "'-1'");
+        assert_message(errors, "DefaultProvider", "'ghost'");
+        assert_message(errors, "BaseURL", "gopher://");
+        assert_message(errors, "'a'", "no BaseURL");
+        assert_message(errors, "APIKey=");
+        assert_message(errors, "'a'", "itself");
+        assert_message(errors, "'a'", "'nobody'");
+        assert_message(errors, "'b!'", "invalid");
+        assert_message(errors, "'m'", "'phantom'");
+        assert_message(errors, "10-more.conf", "MaxBodySize", "'tiny'");
+        assert_message(errors, "REQUEST_TIMEOUT", "'never'");
+        assert_message(errors, "MODEL_MAPPINGS", "'broken'");
+        assert_n_messages(errors, 15);
+        ck_assert(!test_messages_match(errors, "sk-inline", NULL));
+}
+END_TEST
+
+START_TEST(test_errors_and_warnings_optional_outputs) {
+        g_autofree char *path = write_conf("router.conf", "[Router]\nPort=0\n");
+        ConfigSources src = { .path = path };
+        Config *c = NULL;
+
+        ck_assert_int_eq(config_load(&src, &c, NULL, NULL), -EINVAL);
+        ck_assert_ptr_null(c);
+}
+END_TEST
+
+START_TEST(test_warnings_for_unknown_keys_and_sections) {
+        g_autofree char *path = write_conf("router.conf",
+                "[Router]\n"
+                "DefaultProvider=p\n"
+                "Prot=3001\n"
+                "[Provider p]\n"
+                "BaseURL=http://127.0.0.1:9/v1\n"
+                "BaseUrl=http://127.0.0.1:10/v1\n"
+                "[Providers]\n"
+                "x=y\n"
+                "[ModelMapping]\n"
+                "a=p\n");
+        ConfigSources src = { .path = path };
+        g_autoptr(GPtrArray) warnings = NULL;
+        g_autoptr(Config) c = load_ok(&src, &warnings);
+
+        assert_message(warnings, "router.conf", "'Prot'", "[Router]", "ignoring");
+        assert_message(warnings, "'BaseUrl'", "[Provider p]", "ignoring");
+        assert_message(warnings, "[Providers]", "ignoring");
+        assert_message(warnings, "[ModelMapping]", "ignoring");
+        assert_n_messages(warnings, 4);
+        ck_assert_uint_eq(c->port, 3001);
+        ck_assert_str_eq(config_find_provider(c, "p")->base_url, "http://127.0.0.1:9/v1");
+        ck_assert_uint_eq(g_hash_table_size(c->mappings), 0);
+}
+END_TEST
+
+START_TEST(test_shipped_config) {
+        g_autofree char *path = g_build_filename(SOURCE_ROOT, "data", "provider-router.conf", NULL);
+        g_autofree char *dropins = g_build_filename(dir, "none.d", NULL);
+        g_auto(GStrv) env = test_environ(NULL);
+        ConfigSources src = { .path = path, .dropin_dir = dropins, .environ = env };
+        g_autoptr(GPtrArray) warnings = NULL;
+        g_autoptr(Config) c = load_ok(&src, &warnings);
+
+        assert_plan_defaults(c);
+        ck_assert_str_eq(c->sources[0], path);
+        ck_assert_str_eq(g_hash_table_lookup(c->mappings, "qwen3-coder"), "lm-studio");
+        /* Only the optional qwen-direct key may be missing; no unknown keys. */
+        ck_assert(!test_messages_match(warnings, "unknown", NULL));
+}
+END_TEST
+
+START_TEST(test_parse_boolean) {
+        static const char *const yes[] = { "1", "yes", "YES", "y", "true", "True", "t", "on" };
+        static const char *const no[] = { "0", "no", "n", "false", "FALSE", "f", "off", "Off" };
+        static const char *const bad[] = { "", "2", "yess", "enable", " true", "-1" };
+
+        for (size_t i = 0; i < ELEMENTSOF(yes); i++)
+                ck_assert_int_eq(parse_boolean(yes[i]), 1);
+        for (size_t i = 0; i < ELEMENTSOF(no); i++)
+                ck_assert_int_eq(parse_boolean(no[i]), 0);
+        for (size_t i = 0; i < ELEMENTSOF(bad); i++)
+                ck_assert_int_eq(parse_boolean(bad[i]), -EINVAL);
+        ck_assert_int_eq(parse_boolean(NULL), -EINVAL);
+}
+END_TEST
+
+START_TEST(test_parse_size) {
+        static const struct {
+                const char *s;
+                uint64_t v;
+        } good[] = {
+                { "0", 0 },
+                { "1024", 1024 },
+                { "1K", 1024 },
+                { "1k", 1024 },
+                { "2KB", 2048 },
+                { "2KiB", 2048 },
+                { "2Ki", 2048 },
+                { "8M", 8ULL << 20 },
+                { "8MiB", 8ULL << 20 },
+                { "3G", 3ULL << 30 },
+                { "18446744073709551615", UINT64_MAX },
+        };
+        static const char *const bad[] = { "", "K", "-1", "+1", " 1", "1 ", "1X", "1KX", "1KBB", "1KiBB", "1KiB ",
+                                           "1.5M", "0x10", "18446744073709551616", "1T" };
+        uint64_t v;
+
+        for (size_t i = 0; i < ELEMENTSOF(good); i++) {
+                v = 7;
+                ck_assert_msg(parse_size(good[i].s, &v) == 0, "'%s' refused", good[i].s);
+                ck_assert_uint_eq(v, good[i].v);
+        }
+        for (size_t i = 0; i < ELEMENTSOF(bad); i++) {
+                v = 7;
+                ck_assert_msg(parse_size(bad[i], &v) < 0, "'%s' accepted", bad[i]);
+                ck_assert_uint_eq(v, 7);
+        }
+        ck_assert_int_eq(parse_size("17179869184G", &v), -ERANGE);
+        ck_assert_int_lt(parse_size(NULL, &v), 0);
+}
+END_TEST
+
+START_TEST(test_parse_seconds) {
+        usec_t u;
+
+        ck_assert_int_eq(parse_seconds("120", &u), 0);
+        ck_assert_uint_eq(u, 120 * USEC_PER_SEC);
+        ck_assert_int_eq(parse_seconds("0.5", &u), 0);
+        ck_assert_uint_eq(u, 500 * USEC_PER_MSEC);
+        ck_assert_int_eq(parse_seconds("31536000", &u), 0);
+        ck_assert_uint_eq(u, 31536000 * USEC_PER_SEC);
+
+        static const char *const bad[] = { "", "0", "-1", "abc", "1s", "nan", "inf", "31536001", "0.0000001" };
+        for (size_t i = 0; i < ELEMENTSOF(bad); i++) {
+                u = 7;
+                ck_assert_msg(parse_seconds(bad[i], &u) < 0, "'%s' accepted", bad[i]);
+        }
+        ck_assert_int_lt(parse_seconds(NULL, &u), 0);
+}
+END_TEST
+
+START_TEST(test_names) {
+        char longname[PROVIDER_NAME_MAX + 2];
+        char longmodel[MODEL_NAME_MAX + 2];
+
+        ck_assert(provider_name_is_valid("lm-studio"));
+        ck_assert(provider_name_is_valid("a_b.c-D9"));
+        ck_assert(!provider_name_is_valid(""));
+        ck_assert(!provider_name_is_valid(NULL));
+        ck_assert(!provider_name_is_valid("a b"));
+        ck_assert(!provider_name_is_valid("a/b"));
+        ck_assert(!provider_name_is_valid("a:b"));
+        ck_assert(!provider_name_is_valid("a,b"));
+        ck_assert(!provider_name_is_valid("é"));
+        memset(longname, 'a', sizeof(longname));
+        longname[PROVIDER_NAME_MAX] = 0;
+        ck_assert(provider_name_is_valid(longname));
+        longname[PROVIDER_NAME_MAX] = 'a';
+        longname[PROVIDER_NAME_MAX + 1] = 0;
+        ck_assert(!provider_name_is_valid(longname));
+
+        ck_assert(model_name_is_valid("qwen3-coder"));
+        ck_assert(model_name_is_valid("llama3:8b"));
+        ck_assert(model_name_is_valid("org/model name with spaces"));
+        ck_assert(model_name_is_valid("модель"));
+        ck_assert(!model_name_is_valid(""));
+        ck_assert(!model_name_is_valid(NULL));
+        ck_assert(!model_name_is_valid("a\nb"));
+        ck_assert(!model_name_is_valid("a\x7f"));
+        ck_assert(!model_name_is_valid("\xff\xfe"));
+        memset(longmodel, 'm', sizeof(longmodel));
+        longmodel[MODEL_NAME_MAX] = 0;
+        ck_assert(model_name_is_valid(longmodel));
+        longmodel[MODEL_NAME_MAX] = 'm';
+        longmodel[MODEL_NAME_MAX + 1] = 0;
+        ck_assert(!model_name_is_valid(longmodel));
+}
+END_TEST
+
+START_TEST(test_provider_kind_strings) {
+        ck_assert_str_eq(provider_kind_to_string(PROVIDER_KIND_OPENAI), "openai");
+        ck_assert_str_eq(provider_kind_to_string(PROVIDER_KIND_ECHO), "echo");
+        ck_assert_ptr_null(provider_kind_to_string(_PROVIDER_KIND_MAX));
+        ck_assert_ptr_null(provider_kind_to_string(_PROVIDER_KIND_INVALID));
+        ck_assert_int_eq(provider_kind_from_string("openai"), PROVIDER_KIND_OPENAI);
+        ck_assert_int_eq(provider_kind_from_string("echo"), PROVIDER_KIND_ECHO);
+        ck_assert_int_eq(provider_kind_from_string("Echo"), _PROVIDER_KIND_INVALID);
+        ck_assert_int_eq(provider_kind_from_string(NULL), _PROVIDER_KIND_INVALID);
+}
+END_TEST
+
+START_TEST(test_provider_config_refcount) {
+        g_autoptr(Config) c = config_new_default();
+        ProviderConfig *p = provider_config_ref(config_find_provider(c, "lm-studio"));
+
+        /* A request keeps its provider across a reload that frees the configuration. */
+        g_clear_pointer(&c, config_free);
+        ck_assert_str_eq(p->name, "lm-studio");
+        ck_assert_ptr_null(provider_config_unref(p));
+        ck_assert_ptr_null(provider_config_unref(NULL));
+        ck_assert_ptr_null(provider_config_ref(NULL));
+        ck_assert_ptr_null(config_free(NULL));
+}
+END_TEST
+
+static Suite *config_suite(void) {
+        Suite *s = suite_create("config");
+        TCase *tc;
+
+        tc = tcase_create("defaults");
+        tcase_add_checked_fixture(tc, setup, teardown);
+        tcase_add_test(tc, test_defaults_without_file);
+        tcase_add_test(tc, test_defaults_all_sources_null);
+        tcase_add_test(tc, test_new_default);
+        tcase_add_test(tc, test_missing_required_file);
+        tcase_add_test(tc, test_shipped_config);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("files");
+        tcase_add_checked_fixture(tc, setup, teardown);
+        tcase_add_test(tc, test_file_with_providers);
+        tcase_add_test(tc, test_file_without_providers_gets_builtins);
+        tcase_add_test(tc, test_dropins_in_lexical_order);
+        tcase_add_test(tc, test_dropin_dir_explicit_without_main_file);
+        tcase_add_test(tc, test_dropin_error_names_file);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("environment");
+        tcase_add_checked_fixture(tc, setup, teardown);
+        tcase_add_test(tc, test_env_overrides_file);
+        tcase_add_test(tc, test_env_qwen_proxy_gets_v1);
+        tcase_add_test(tc, test_env_creates_plan_providers);
+        tcase_add_test(tc, test_env_empty_values_ignored);
+        tcase_add_test(tc, test_env_only_supplied_environ_is_read);
+        tcase_add_test(tc, test_env_mapping_model_with_colon);
+        tcase_add_test(tc, test_env_errors_all_reported);
+        tcase_add_test(tc, test_env_request_timeout_zero);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("validation");
+        tcase_add_checked_fixture(tc, setup, teardown);
+        tcase_add_test(tc, test_validate_plan_cases);
+        tcase_add_test(tc, test_validate_more_cases);
+        tcase_add_test(tc, test_many_errors_all_reported);
+        tcase_add_test(tc, test_errors_and_warnings_optional_outputs);
+        tcase_add_test(tc, test_warnings_for_unknown_keys_and_sections);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("secrets");
+        tcase_add_checked_fixture(tc, setup, teardown);
+        tcase_add_test(tc, test_inline_api_key_refused);
+        tcase_add_test(tc, test_api_key_file);
+        tcase_add_test(tc, test_api_key_file_world_readable_refused);
+        tcase_add_test(tc, test_api_key_file_problems);
+        tcase_add_test(tc, test_credentials_dir);
+        tcase_add_test(tc, test_credentials_dir_without_credential);
+        tcase_add_test(tc, test_qwen_api_key_env_satisfies_default);
+        tcase_add_test(tc, test_api_key_env);
+        tcase_add_test(tc, test_api_key_env_missing_for_default);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("parsers");
+        tcase_add_test(tc, test_parse_boolean);
+        tcase_add_test(tc, test_parse_size);
+        tcase_add_test(tc, test_parse_seconds);
+        tcase_add_test(tc, test_names);
+        tcase_add_test(tc, test_provider_kind_strings);
+        tcase_add_test(tc, test_provider_config_refcount);
+        suite_add_tcase(s, tc);
+
+        return s;
+}
+
+int main(void) {
+        return test_run_suite(config_suite());
+}
