@@ -409,10 +409,13 @@ static void request_dispatch(Request *r) {
                 return;
         case ENDPOINT_METHOD_NOT_ALLOWED: {
                 struct MHD_Response *resp;
+                bool method_ok;
+                /* r->endpoint is ENDPOINT_METHOD_NOT_ALLOWED here: ask the path what it allows. */
+                Endpoint e = endpoint_from_request(r->method, r->url, &method_ok);
                 char *json = json_error_body("invalid_request_error", "Method not allowed for this path.", NULL, NULL);
                 resp = MHD_create_response_from_buffer_with_free_callback(strlen(json), json, g_free);
                 (void) MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
-                (void) MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, endpoint_allow(r->endpoint));
+                (void) MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, endpoint_allow(e));
                 request_respond(r, MHD_HTTP_METHOD_NOT_ALLOWED, resp);
                 return;
         }
