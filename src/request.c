@@ -469,12 +469,9 @@ enum MHD_Result request_access_handler(void *cls, struct MHD_Connection *connect
         if (*upload_data_size > 0) {
                 request_body_append(r, upload_data, *upload_data_size);
                 *upload_data_size = 0;
-                if (r->body_too_large && !r->dispatched) {
-                        /* Say so now instead of reading the rest; MHD then closes the connection. */
-                        r->dispatched = true;
-                        request_dispatch(r);
-                        return request_queue(r);
-                }
+                /* Past the limit the rest is read and dropped, and the 413 goes out at the end:
+                 * libmicrohttpd 0.9 refuses a response queued while the upload is still coming
+                 * (MHD_queue_response() fails and the client sees a reset, not a 413). */
                 return MHD_YES;
         }
 
