@@ -693,13 +693,17 @@ class RouterTestCase(unittest.TestCase):
 
 
 class SharedRouterTestCase(RouterTestCase):
-    """Two mock providers (alpha, beta) and one router for the whole class; subclasses may set
-    router_keys, mappings, router_env."""
+    """Two mock providers (alpha, beta) and one router for the whole class. Subclasses may set
+    router_keys ([Router] keys), mappings, router_env, and override extra_providers()."""
 
     router_keys = {}
     mappings = None
     router_env = None
-    provider_keys = {}
+
+    @classmethod
+    def extra_providers(cls):
+        """{name: BaseURL or dict of keys} added after alpha and beta; the mocks are running."""
+        return {}
 
     @classmethod
     def setUpClass(cls):
@@ -708,13 +712,11 @@ class SharedRouterTestCase(RouterTestCase):
         try:
             cls.alpha = MockProvider("alpha", ["alpha-1", "alpha-2"], workdir=cls._workdir)
             cls.beta = MockProvider("beta", ["beta-1"], workdir=cls._workdir)
-            providers = {
-                "alpha": dict({"BaseURL": cls.alpha.base_url}, **cls.provider_keys.get("alpha", {})),
-                "beta": dict({"BaseURL": cls.beta.base_url}, **cls.provider_keys.get("beta", {})),
-            }
-            for name, spec in cls.provider_keys.items():
-                if name not in providers:
-                    providers[name] = spec
+            providers = {"alpha": cls.alpha.base_url, "beta": cls.beta.base_url}
+            for name, spec in cls.extra_providers().items():
+                if name in providers and isinstance(spec, dict):
+                    spec = dict({"BaseURL": providers[name]}, **spec)
+                providers[name] = spec
             cls.router = Router(lambda port: router_config(port, providers, default="alpha",
                                                            mappings=cls.mappings, router=cls.router_keys),
                                 env=cls.router_env, workdir=cls._workdir)

@@ -17,7 +17,10 @@ class RoutingTest(SharedRouterTestCase):
     mappings = {"file-model": "beta", "overridden": "alpha", "alpha-alias": "alpha"}
     # The plan's variable beats the file: 'overridden' goes to beta.
     router_env = {"MODEL_MAPPINGS": "env-model:beta, overridden:beta", "BETA_KEY": BETA_KEY}
-    provider_keys = {"beta": {"APIKeyEnv": "BETA_KEY"}}
+
+    @classmethod
+    def extra_providers(cls):
+        return {"beta": {"APIKeyEnv": "BETA_KEY"}}
 
     def chat_ok(self, body, headers=None):
         r = self.router.chat(body, headers=headers)
