@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Streaming: frames relayed as they come, bytes untouched, mid-stream failures, client
+disconnects that cancel the upstream transfer, and back-pressure from a slow client."""
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import (SLOW, RawClient, SharedRouterTestCase, chat_body, main,  # noqa: E402
+                     router_config, stream_request, wait_until)
+
+
+class StreamingTest(SharedRouterTestCase):
+
+    def assert_stream_headers(self, s, provider):
+        self.assertEqual(s.status, 200)
+        self.assertTrue((s.header("Content-Type") or "").startswith("text/event-stream"), s.headers)
+        self.assertEqual(s.header("X-Provider"), provider)
+        self.assertTrue(s.header("X-Request-Id"))
+        self.assertEqual(s.header("X-Accel-Buffering"), "no")
+
+    def test_frames_arrive_before_upstream_finishes(self):
+        frames, delay_ms = 6, 250
+        s = self.router.stream(chat_body("one two three four five six", stream=True,
+                                         mock={"frames": frames, "frame_delay_ms": delay_ms}))
+        self.assert_stream_headers(s, "alpha")
+        self.assertTrue(s.complete)
+        self.assertTrue(s.done())
+        self.assertEqual(s.content(), "alpha: one two three four five six")
+        content_times = [t for t, ev in s.events if b'"content":"' in ev and b'"content":""' not in ev]
+        self.assertEqual(len(content_times), frames, s.events)
+        # The upstream needs about 1.5 s; the first frame must not wait for the last. Generous
+        # bound: 0.5 s apart at least (nominally 1.25 s).
+        self.assertGreaterEqual(content_times[-1] - content_times[0], 0.5,
+                                [round(t - s.started, 3) for t in content_times])
+        # And they trickle in: at least half of the gaps are visible.
+        gaps = [b - a for a, b in zip(content_times, content_times[1:])]
+        self.assertGreaterEqual(sum(1 for g in gaps if g >= 0.08), len(gaps) // 2, gaps)
+        # The role delta came before the first content frame was even produced.
+        first_event = s.events[0][0]
+        self.assertLess(first_event, content_times[0], "role delta not before the first content")
+        self.assertEqual(self.alpha.stats()["streams_completed"], 1)
+
+    def test_stream_bytes_identical(self):
+        """What the router relays is exactly what the provider sent, tool-call deltas included."""
+        for mock in ({"tool_calls": True, "frame_delay_ms": 20}, {"frames": 7}, {"frames": 3, "size": 200000}):
+            body = chat_body("weather in Z\u00fcrich?", stream=True, mock=mock)
+            direct = stream_request(self.alpha.port, "/v1/chat/completions", body)
+            relayed = self.router.stream(body)
+            self.assertEqual(direct.status, 200)
+            self.assert_stream_headers(relayed, "alpha")
+            self.assertTrue(direct.complete and relayed.complete)
+            self.assertEqual(relayed.raw, direct.raw, "stream differs for %s" % mock)
+
+        # The tool call assembles as the mock sent it.
+        relayed_tool = self.router.stream(chat_body("weather?", stream=True, mock={"tool_calls": True}))
+        args, name, finish = "", None, None
+        for c in relayed_tool.json_chunks():
+            for ch in c["choices"]:
+                for tc in (ch.get("delta") or {}).get("tool_calls") or []:
+                    name = (tc.get("function") or {}).get("name") or name
+                    args += (tc.get("function") or {}).get("arguments") or ""
+                finish = ch.get("finish_reason") or finish
+        self.assertEqual(name, "get_weather")
+        self.assertEqual(json.loads(args), {"location": "Z\u00fcrich, CH", "unit": "celsius"})
+        self.assertEqual(finish, "tool_calls")
+        self.assertTrue(relayed_tool.done())
+
+    def test_stream_through_mapping_and_header(self):
+        s = self.router.stream(chat_body("hey", stream=True), headers={"X-Provider": "beta"})
+        self.assert_stream_headers(s, "beta")
+        self.assertEqual(s.content(), "beta: hey")
+        s = self.router.stream(chat_body("hey", stream=True), headers={"X-Provider": "echo"})
+        self.assertEqual(s.status, 200)
+        self.assertEqual(s.header("X-Provider"), "echo")
+        self.assertTrue(s.done())
+        self.assertEqual(s.content(), "hey")
+
+    def test_usage_chunk_relayed(self):
+        s = self.router.stream(chat_body("count me", stream=True, stream_options={"include_usage": True}))
+        usage = [c["usage"] for c in s.json_chunks() if c.get("usage")]
+        self.assertEqual(len(usage), 1, s.raw)
+        self.assertTrue(s.done())
+
+    def test_midstream_drop_ends_with_error_event(self):
+        s = self.router.stream(chat_body("a b c d e f", stream=True,
+                                         mock={"frames": 6, "drop_after": 2, "frame_delay_ms": 50}))
+        self.assert_stream_headers(s, "alpha")
+        self.assertFalse(s.done(), "a stream that broke must not end with [DONE]: %r" % s.raw)
+        data = s.data()
+        self.assertGreaterEqual(len(data), 4, s.raw)
+        # Whole events only: role, two content frames, then the error.
+        chunks = [json.loads(d) for d in data]
+        self.assertEqual(chunks[0]["choices"][0]["delta"].get("role"), "assistant")
+        self.assertEqual(len([c for c in chunks if "choices" in c and c["choices"][0]["delta"].get("content")]), 2)
+        err = chunks[-1].get("error")
+        self.assertIsInstance(err, dict, s.raw)
+        self.assertIn(err.get("type"), ("connection_error", "provider_error"), err)
+        self.assertEqual(err.get("provider"), "alpha", err)
+        self.assertTrue(err.get("message"), err)
+        self.assertEqual(self.alpha.stats()["streams_dropped"], 1)
+        self.assert_still_serves(self.router)
+        self.assert_still_serves(self.router, self.alpha)
+
+    def test_client_disconnect_cancels_upstream(self):
+        frames, delay_ms = 100, 100  # 10 s if left alone
+        c = RawClient(self.router.port)
+        c.send_request("POST", "/v1/chat/completions",
+                       chat_body("go", stream=True, mock={"frames": frames, "frame_delay_ms": delay_ms}))
+        status, headers = c.read_head()
+        self.assertEqual(status, 200)
+        self.assertEqual(headers.get("x-provider"), "alpha")
+        c.read_until(b'"content":"')
+        self.assertEqual(self.alpha.stats()["streams_started"], 1)
+        hung_up = time.monotonic()
+        c.close()
+        stats = self.alpha.wait_stat("streams_aborted", 1, timeout=5)
+        self.assertLess(time.monotonic() - hung_up, 5 * SLOW)
+        self.assertEqual(stats["streams_completed"], 0, stats)
+        wait_until(lambda: self.alpha.stats()["in_flight"] == 0, 5 * SLOW, what="mock in_flight == 0")
+        self.assert_still_serves(self.router)
+        self.assert_still_serves(self.router, self.alpha)
+
+    def test_client_reset_cancels_upstream(self):
+        c = RawClient(self.router.port)
+        c.send_request("POST", "/v1/chat/completions",
+                       chat_body("go", stream=True, mock={"frames": 100, "frame_delay_ms": 100}))
+        c.read_head()
+        c.read_until(b'"content":"')
+        c.close(reset=True)
+        stats = self.alpha.wait_stat("streams_aborted", 1, timeout=5)
+        self.assertEqual(stats["streams_completed"], 0, stats)
+        self.assert_still_serves(self.router, self.alpha)
+
+    def test_client_disconnect_before_first_frame(self):
+        # The provider is slow to start: the client gives up while the router waits for headers.
+        c = RawClient(self.router.port)
+        c.send_request("POST", "/v1/chat/completions",
+                       chat_body("go", stream=True, mock={"delay_ms": 10000}))
+        wait_until(lambda: self.alpha.stats()["in_flight"] == 1, 5 * SLOW, what="mock in_flight == 1")
+        c.close()
+        wait_until(lambda: self.alpha.stats()["in_flight"] == 0, 5 * SLOW, what="mock in_flight == 0")
+        self.assertEqual(self.alpha.stats()["streams_started"], 0)
+        self.assert_still_serves(self.router, self.alpha)
+
+    def test_slow_client_back_pressure(self):
+        """A client that reads nothing must not make the router buffer the answer."""
+        size = 48 * 1024 * 1024
+        frames = 768                               # 64 KiB of content per frame
+        baseline = self.router.rss_kib()
+        c = RawClient(self.router.port, rcvbuf=64 * 1024, timeout=60)
+        c.send_request("POST", "/v1/chat/completions",
+                       chat_body("big", stream=True, mock={"frames": frames, "size": size}))
+        self.alpha.wait_stat("streams_started", 1)
+        # Read nothing for a while, sampling the router's memory.
+        peak = baseline
+        stall_end = time.monotonic() + 2.0 * SLOW
+        while time.monotonic() < stall_end:
+            peak = max(peak, self.router.rss_kib())
+            time.sleep(0.05)
+        stats = self.alpha.stats()
+        # The provider is held back too: it has not been able to finish.
+        self.assertEqual(stats["streams_completed"], 0, stats)
+        growth_mib = (peak - baseline) / 1024.0
+        sys.stderr.write("router RSS: %d KiB before, peak %d KiB while the client did not read\n" % (baseline, peak))
+        self.assertLess(growth_mib, 16, "router RSS grew by %.1f MiB for a %d MiB answer nobody read"
+                        % (growth_mib, size >> 20))
+
+        # Now read it all: nothing was lost.
+        status, headers = c.read_head()
+        self.assertEqual(status, 200)
+        self.assertEqual(headers.get("x-provider"), "alpha")
+        body, complete = c.read_chunked_body()
+        c.close()
+        self.assertTrue(complete)
+        self.assertTrue(body.endswith(b"data: [DONE]\n\n"), body[-200:])
+        self.assertGreater(len(body), size)
+        self.assertEqual(body.count(b'"content":"'), frames + 1)  # the role delta has content ""
+        self.alpha.wait_stat("streams_completed", 1)
+        self.assert_still_serves(self.router)
+
+    def test_sigterm_lets_a_stream_finish(self):
+        """Stopping waits for a stream in flight, then exits cleanly (checked at teardown)."""
+        mock = self.start_mock("gamma")
+        router = self.start_router(lambda port: router_config(port, {"gamma": mock.base_url}))
+        c = RawClient(router.port)
+        c.send_request("POST", "/v1/chat/completions",
+                       chat_body("bye", stream=True, mock={"frames": 8, "frame_delay_ms": 100}))
+        c.read_head()
+        c.read_until(b'"content":"')
+        router.send_signal(15)
+        body, complete = c.read_chunked_body()
+        c.close()
+        self.assertTrue(complete)
+        self.assertIn(b"data: [DONE]", body)
+        wait_until(lambda: not router.alive(), 15 * SLOW, what="router to exit after the stream")
+
+
+if __name__ == "__main__":
+    main()
