@@ -6,6 +6,7 @@
 #include <check.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +15,10 @@
 
 #include <glib.h>
 #include <glib/gstdio.h>
+
+static inline void test_string_free(gpointer s) {
+        g_string_free(s, TRUE);
+}
 
 static inline char *test_tmpdir_new(void) {
         g_autoptr(GError) error = NULL;
