@@ -123,6 +123,7 @@ class _Process:
                                      stdout=stdout if stdout is not None else self._log,
                                      stderr=self._log, cwd=workdir, close_fds=True)
         self.returncode = None
+        self.final_log = None
         _live.append(self)
 
     @property
@@ -133,6 +134,8 @@ class _Process:
         return self.proc.poll() is None
 
     def log(self, limit=20000):
+        if self.final_log is not None:
+            return self.final_log if not limit or len(self.final_log) <= limit else self.final_log[-limit:]
         return _read(self.log_path, limit)
 
     def send_signal(self, sig):
@@ -152,6 +155,7 @@ class _Process:
             self.proc.wait(timeout=10)
             self.returncode = "killed after %.0f s without exiting" % (timeout * SLOW)
         self._log.close()
+        self.final_log = _read(self.log_path)
         if self in _live:
             _live.remove(self)
         return self.returncode
@@ -626,9 +630,14 @@ class RawClient:
 
 # --- unittest glue ---------------------------------------------------------------------------
 
-def dump_logs(stream=None):
+def dump_logs(procs=(), stream=None):
+    """Prints the logs of procs and of every process still running."""
     stream = stream or sys.stderr
-    for p in list(_live):
+    seen = []
+    for p in list(procs) + list(_live):
+        if p in seen:
+            continue
+        seen.append(p)
         stream.write("\n===== log of %s (pid %d): %s =====\n%s\n" % (p.label, p.pid, " ".join(p.argv), p.log()))
     stream.flush()
 
@@ -640,23 +649,22 @@ class RouterTestCase(unittest.TestCase):
     maxDiff = 4000
 
     def run(self, result=None):
+        self._procs = []
         before = (len(result.failures), len(result.errors)) if result else None
         outcome = super().run(result)
         if result is not None and (len(result.failures), len(result.errors)) != before:
-            dump_logs()
+            dump_logs(self._procs)
         return outcome
 
     def start_mock(self, name, models=()):
         m = MockProvider(name, models)
+        self._procs.append(m)
         self.addCleanup(m.cleanup)
         return m
 
     def start_router(self, *args, **kwargs):
-        try:
-            r = Router(*args, **kwargs)
-        except Exception:
-            dump_logs()
-            raise
+        r = Router(*args, **kwargs)
+        self._procs.append(r)
         self.addCleanup(r.cleanup)
         return r
 
