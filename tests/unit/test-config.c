@@ -245,7 +245,6 @@ START_TEST(test_file_with_providers) {
         ck_assert_ptr_null(b->base_url);
         ck_assert_uint_eq(b->request_timeout_usec, 5 * USEC_PER_SEC);
         ck_assert_uint_eq(b->first_byte_timeout_usec, 1 * USEC_PER_SEC);
-        ck_assert_uint_eq(b->max_retries, 2);
 
         ck_assert_uint_eq(g_hash_table_size(c->mappings), 2);
         ck_assert_str_eq(g_hash_table_lookup(c->mappings, "b-model"), "beta");
@@ -884,6 +883,42 @@ START_TEST(test_warnings_for_unknown_keys_and_sections) {
 }
 END_TEST
 
+START_TEST(test_log_levels) {
+        static const struct {
+                const char *value;
+                int level;
+        } cases[] = {
+                { "debug", LOG_DEBUG }, { "info", LOG_INFO },       { "notice", LOG_NOTICE }, { "warn", LOG_WARNING },
+                { "warning", LOG_WARNING }, { "error", LOG_ERR },   { "err", LOG_ERR },       { "DEBUG", LOG_DEBUG },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(cases); i++) {
+                g_autofree char *text = g_strdup_printf("[Router]\nLogLevel=%s\n", cases[i].value);
+                g_autofree char *path = write_conf("router.conf", text);
+                g_autofree char *var = g_strconcat("LOG_LEVEL=", cases[i].value, NULL);
+                g_auto(GStrv) env = test_environ(var, NULL);
+                ConfigSources file = { .path = path }, environment = { .environ = env };
+                g_autoptr(Config) a = load_ok(&file, NULL);
+                g_autoptr(Config) b = load_ok(&environment, NULL);
+
+                ck_assert_int_eq(a->log_level, cases[i].level);
+                ck_assert_int_eq(b->log_level, cases[i].level);
+        }
+}
+END_TEST
+
+START_TEST(test_warnings_returned_on_failure) {
+        g_autofree char *path = write_conf("router.conf", "[Router]\nPort=0\nPrort=1\n");
+        ConfigSources src = { .path = path };
+        g_autoptr(GPtrArray) errors = NULL, warnings = NULL;
+        Config *c = NULL;
+
+        ck_assert_int_eq(config_load(&src, &c, &errors, &warnings), -EINVAL);
+        assert_n_messages(errors, 1);
+        assert_message(warnings, "'Prort'");
+}
+END_TEST
+
 START_TEST(test_shipped_config) {
         g_autofree char *path = g_build_filename(SOURCE_ROOT, "data", "provider-router.conf", NULL);
         g_autofree char *dropins = g_build_filename(dir, "none.d", NULL);
@@ -1075,6 +1110,8 @@ static Suite *config_suite(void) {
         tcase_add_test(tc, test_many_errors_all_reported);
         tcase_add_test(tc, test_errors_and_warnings_optional_outputs);
         tcase_add_test(tc, test_warnings_for_unknown_keys_and_sections);
+        tcase_add_test(tc, test_warnings_returned_on_failure);
+        tcase_add_test(tc, test_log_levels);
         suite_add_tcase(s, tc);
 
         tc = tcase_create("secrets");
