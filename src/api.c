@@ -2,12 +2,14 @@
 #include <inttypes.h>
 
 #include "api.h"
+#include "health.h"
 #include "json-util.h"
 #include "request.h"
 
 void api_health(Request *r) {
         Manager *m = r->manager;
         g_autoptr(JsonBuilder) b = json_builder_new_immutable();
+        usec_t now = now_usec(CLOCK_MONOTONIC);
         size_t size;
         char *json;
 
@@ -27,6 +29,7 @@ void api_health(Request *r) {
         for (guint i = 0; i < m->router->providers->len; i++) {
                 ProviderConfig *p = m->router->providers->pdata[i];
                 ProviderStats *s = g_hash_table_lookup(m->stats->providers, p->name);
+                ProviderHealth *h = g_hash_table_lookup(m->health, p->name);
 
                 json_builder_set_member_name(b, p->name);
                 json_builder_begin_object(b);
@@ -37,7 +40,19 @@ void api_health(Request *r) {
                         json_builder_add_string_value(b, p->base_url);
                 }
                 json_builder_set_member_name(b, "state");
-                json_builder_add_string_value(b, p->kind == PROVIDER_KIND_ECHO ? "up" : provider_stats_state(s));
+                json_builder_add_string_value(b, health_state_to_string(health_state(m, p->name)));
+                if (h && h->consecutive_failures > 0) {
+                        json_builder_set_member_name(b, "consecutive_failures");
+                        json_builder_add_int_value(b, h->consecutive_failures);
+                }
+                if (h && h->last_error && h->state != HEALTH_UP) {
+                        json_builder_set_member_name(b, "last_error");
+                        json_builder_add_string_value(b, h->last_error);
+                }
+                if (h && health_retry_in(h, now) > 0) {
+                        json_builder_set_member_name(b, "retry_in_sec");
+                        json_builder_add_int_value(b, (gint64) ((health_retry_in(h, now) + USEC_PER_SEC - 1) / USEC_PER_SEC));
+                }
                 json_builder_set_member_name(b, "default");
                 json_builder_add_boolean_value(b, streq(p->name, m->router->default_provider));
                 json_builder_set_member_name(b, "in_flight");

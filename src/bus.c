@@ -2,6 +2,7 @@
 #include <unistd.h>
 
 #include "bus.h"
+#include "health.h"
 #include "log.h"
 #include "request.h"
 
@@ -344,10 +345,7 @@ static int method_get_stats(sd_bus_message *message, void *userdata, sd_bus_erro
                 return r;
         for (char **n = names; *n; n++) {
                 ProviderStats *s = stats_get(m->stats, *n);
-                ProviderConfig *p = router_find(m->router, *n);
-                r = append_stats_entry(reply, *n, s,
-                                       p && p->kind == PROVIDER_KIND_ECHO ? "up" : provider_stats_state(s), m->stats,
-                                       false);
+                r = append_stats_entry(reply, *n, s, health_state_to_string(health_state(m, *n)), m->stats, false);
                 if (r < 0)
                         return r;
         }
@@ -391,6 +389,23 @@ static int property_get_providers(sd_bus *bus, const char *path, const char *int
         return sd_bus_message_append_strv(reply, names);
 }
 
+static int property_get_provider_states(sd_bus *bus, const char *path, const char *interface, const char *property,
+                                        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        Manager *m = userdata;
+        int r;
+
+        r = sd_bus_message_open_container(reply, 'a', "{ss}");
+        if (r < 0)
+                return r;
+        for (guint i = 0; i < m->router->providers->len; i++) {
+                ProviderConfig *p = m->router->providers->pdata[i];
+                r = sd_bus_message_append(reply, "{ss}", p->name, health_state_to_string(health_state(m, p->name)));
+                if (r < 0)
+                        return r;
+        }
+        return sd_bus_message_close_container(reply);
+}
+
 static int property_get_version(sd_bus *bus, const char *path, const char *interface, const char *property,
                                 sd_bus_message *reply, void *userdata, sd_bus_error *error) {
         return sd_bus_message_append(reply, "s", PACKAGE_VERSION);
@@ -401,6 +416,7 @@ static const sd_bus_vtable router_vtable[] = {
         SD_BUS_PROPERTY("DefaultProvider", "s", property_get_default_provider, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("ModelMappings", "a{ss}", property_get_model_mappings, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("Providers", "as", property_get_providers, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("ProviderStates", "a{ss}", property_get_provider_states, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("Version", "s", property_get_version, 0, SD_BUS_VTABLE_PROPERTY_CONST),
         SD_BUS_METHOD_WITH_ARGS("SetDefaultProvider", SD_BUS_ARGS("s", provider), SD_BUS_NO_RESULT,
                                 method_set_default_provider, SD_BUS_VTABLE_UNPRIVILEGED),
@@ -420,7 +436,17 @@ void bus_emit_routing_changed(Manager *m) {
         if (!m->bus)
                 return;
         r = sd_bus_emit_properties_changed(m->bus, BUS_PATH, BUS_INTERFACE, "DefaultProvider", "ModelMappings",
-                                           "Providers", NULL);
+                                           "Providers", "ProviderStates", NULL);
+        if (r < 0)
+                log_debug_errno(r, "Failed to emit PropertiesChanged, ignoring: %m");
+}
+
+void bus_emit_provider_states_changed(Manager *m) {
+        int r;
+
+        if (!m->bus)
+                return;
+        r = sd_bus_emit_properties_changed(m->bus, BUS_PATH, BUS_INTERFACE, "ProviderStates", NULL);
         if (r < 0)
                 log_debug_errno(r, "Failed to emit PropertiesChanged, ignoring: %m");
 }

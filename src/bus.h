@@ -7,3 +7,4 @@
 int bus_setup(Manager *m);
 void bus_done(Manager *m);
 void bus_emit_routing_changed(Manager *m);
+void bus_emit_provider_states_changed(Manager *m);

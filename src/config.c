@@ -76,7 +76,7 @@ static ProviderConfig *provider_config_new(const char *name) {
         p->request_timeout_usec = USEC_INFINITY;
         p->first_byte_timeout_usec = USEC_INFINITY;
         p->idle_timeout_usec = USEC_INFINITY;
-        p->max_retries = 2;
+        p->max_retries = 0;
         return p;
 }
 
@@ -86,6 +86,10 @@ Config *config_free(Config *c) {
         g_free(c->host);
         g_free(c->default_provider);
         g_free(c->cors_allow_origin);
+        g_free(c->client_tokens_credential);
+        g_free(c->client_tokens_file);
+        if (c->client_token_digests)
+                g_ptr_array_unref(c->client_token_digests);
         if (c->providers)
                 g_ptr_array_unref(c->providers);
         if (c->mappings)
@@ -130,6 +134,11 @@ static Config *config_new_empty(void) {
         c->stream_buffer_size = 64 * 1024;
         c->max_connections = 4096;
         c->cors_allow_origin = g_strdup("*");
+        c->failure_threshold = 3;
+        c->cooldown_usec = 30 * USEC_PER_SEC;
+        c->max_cooldown_usec = 300 * USEC_PER_SEC;
+        c->retry_backoff_usec = 250 * USEC_PER_MSEC;
+        c->max_retry_wait_usec = 10 * USEC_PER_SEC;
         c->providers = g_ptr_array_new_with_free_func(provider_config_destroy);
         c->mappings = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
         c->mapping_order = g_ptr_array_new_with_free_func(g_free);
@@ -471,6 +480,30 @@ static void parse_router_group(Parser *p, GKeyFile *kf) {
                                              p->source, v);
                 } else if (streq(key, "CORSAllowOrigin"))
                         set_string(&c->cors_allow_origin, v);
+                else if (streq(key, "FailureThreshold")) {
+                        if (parse_unsigned(v, 0, 1000, &c->failure_threshold) < 0)
+                                parser_error(p, "%s: [Router] FailureThreshold='%s' must be between 0 (never) and 1000",
+                                             p->source, v);
+                } else if (streq(key, "CooldownSec"))
+                        set_seconds(p, group, key, &c->cooldown_usec, v);
+                else if (streq(key, "MaxCooldownSec"))
+                        set_seconds(p, group, key, &c->max_cooldown_usec, v);
+                else if (streq(key, "RetryBackoffSec"))
+                        set_seconds(p, group, key, &c->retry_backoff_usec, v);
+                else if (streq(key, "MaxRetryWaitSec"))
+                        set_seconds(p, group, key, &c->max_retry_wait_usec, v);
+                else if (streq(key, "ClientTokensCredential")) {
+                        if (!isempty(v) && (strchr(v, '/') || streq(v, ".") || streq(v, "..")))
+                                parser_error(p, "%s: [Router] ClientTokensCredential='%s' must be a credential name, not a path",
+                                             p->source, v);
+                        else
+                                set_string(&c->client_tokens_credential, v);
+                } else if (streq(key, "ClientTokensFile")) {
+                        if (!isempty(v) && v[0] != '/')
+                                parser_error(p, "%s: [Router] ClientTokensFile='%s' must be an absolute path", p->source, v);
+                        else
+                                set_string(&c->client_tokens_file, v);
+                }
                 else
                         parser_warning(p, "%s: unknown key '%s' in [Router], ignoring", p->source, key);
         }
@@ -857,9 +890,70 @@ static char *provider_names(const Config *c) {
         return g_string_free(g_steal_pointer(&s), FALSE);
 }
 
+char *config_token_digest(const char *token, size_t size) {
+        return g_compute_checksum_for_data(G_CHECKSUM_SHA256, (const guchar *) token, size);
+}
+
+/* One bearer token per line; '#' starts a comment. Kept only as digests, so the secrets
+ * themselves are wiped right after reading. */
+static void load_client_tokens(Parser *p, const ConfigSources *src) {
+        Config *c = p->config;
+        g_autofree char *path = NULL;
+        char *contents = NULL;
+        const char *what;
+        int r;
+
+        if (c->client_tokens_credential) {
+                if (!src->credentials_dir) {
+                        parser_error(p, "ClientTokensCredential='%s' is set but no credentials were passed "
+                                     "($CREDENTIALS_DIRECTORY is unset)", c->client_tokens_credential);
+                        return;
+                }
+                path = g_build_filename(src->credentials_dir, c->client_tokens_credential, NULL);
+                what = "credential";
+                r = read_secret_file(path, false, &contents);
+        } else if (c->client_tokens_file) {
+                path = g_strdup(c->client_tokens_file);
+                what = "ClientTokensFile=";
+                r = read_secret_file(path, true, &contents);
+        } else
+                return;
+
+        if (r == -EPERM) {
+                parser_error(p, "ClientTokensFile='%s' is readable by everyone; make it private (chmod o-r)", path);
+                return;
+        }
+        if (r < 0) {
+                parser_error(p, "cannot read the client tokens (%s '%s'): %s", what, path, g_strerror(-r));
+                return;
+        }
+
+        size_t size = strlen(contents);
+        c->client_token_digests = g_ptr_array_new_with_free_func(g_free);
+        for (char *line = contents, *next; line && *line; line = next) {
+                char *end;
+                next = strchr(line, '\n');
+                if (next)
+                        *next++ = 0;
+                g_strstrip(line);
+                if (line[0] == 0 || line[0] == '#')
+                        continue;
+                end = line + strlen(line);
+                g_ptr_array_add(c->client_token_digests, config_token_digest(line, (size_t) (end - line)));
+        }
+        if (c->client_token_digests->len == 0)
+                parser_error(p, "the client tokens (%s '%s') contain no token", what, path);
+        explicit_bzero(contents, size);
+        g_free(contents);
+}
+
 static void validate(Parser *p, const ConfigSources *src) {
         Config *c = p->config;
         g_autofree char *names = provider_names(c);
+
+        load_client_tokens(p, src);
+        if (c->max_cooldown_usec < c->cooldown_usec)
+                c->max_cooldown_usec = c->cooldown_usec;
 
         if (c->providers->len == 0)
                 parser_error(p, "no providers are configured");

@@ -66,6 +66,18 @@ typedef struct Config {
         unsigned max_connections;
         char *cors_allow_origin;   /* NULL disables CORS headers */
 
+        /* failover and health */
+        unsigned failure_threshold; /* failures in a row that mark a provider down; 0 = never */
+        usec_t cooldown_usec;
+        usec_t max_cooldown_usec;
+        usec_t retry_backoff_usec;  /* first wait before trying the same provider again */
+        usec_t max_retry_wait_usec; /* longest Retry-After the router waits out itself */
+
+        /* client authentication: SHA-256 digests of the accepted bearer tokens; NULL = open */
+        GPtrArray *client_token_digests;
+        char *client_tokens_credential;
+        char *client_tokens_file;
+
         GPtrArray *providers;      /* ProviderConfig*, in the order they were first defined */
         GHashTable *mappings;      /* model → provider name */
         GPtrArray *mapping_order;  /* model names, insertion order, for stable output */
@@ -99,6 +111,9 @@ bool model_name_is_valid(const char *model);
 
 #define MODEL_NAME_MAX 256
 #define PROVIDER_NAME_MAX 64
+
+/* Lower-case hex SHA-256 of a bearer token, as kept in client_token_digests. */
+char *config_token_digest(const char *token, size_t size);
 
 int parse_size(const char *s, uint64_t *ret);
 int parse_seconds(const char *s, usec_t *ret);

@@ -133,13 +133,14 @@ void log_request(const RequestLogEntry *e, int level) {
          * credentials cannot reach the log. */
         (void) snprintf(message, sizeof(message),
                         "%s %s '%s' model='%s' stream=%s route=%s -> %u in %s (first byte %s) in=%" PRIu64
-                        "B out=%" PRIu64 "B%s id=%s%s%s",
+                        "B out=%" PRIu64 "B%s%s%s id=%s%s%s",
                         e->provider ?: "-", e->method, e->path, strempty(e->model), yes_no(e->stream),
                         e->route ?: "-", e->status, duration, ttfb, e->bytes_in, e->bytes_out, tokens,
+                        e->tried ? " tried=" : "", strempty(e->tried),
                         e->request_id, e->error_message ? ": " : "", strempty(e->error_message));
 
         if (target == LOG_TARGET_JOURNAL) {
-                struct iovec iov[24];
+                struct iovec iov[26];
                 size_t n = 0;
                 g_autofree char *f_message = g_strconcat("MESSAGE=", message, NULL);
                 g_autofree char *f_priority = g_strdup_printf("PRIORITY=%i", level);
@@ -163,6 +164,7 @@ void log_request(const RequestLogEntry *e, int level) {
                 g_autofree char *f_ct = e->prompt_tokens != UINT64_MAX
                         ? g_strdup_printf("COMPLETION_TOKENS=%" PRIu64, e->completion_tokens) : NULL;
                 g_autofree char *f_attempts = e->attempts > 1 ? g_strdup_printf("ATTEMPTS=%u", e->attempts) : NULL;
+                g_autofree char *f_tried = e->tried ? g_strconcat("PROVIDERS_TRIED=", e->tried, NULL) : NULL;
                 g_autofree char *f_body = NULL;
 
                 if (e->response_body) {
@@ -195,6 +197,7 @@ void log_request(const RequestLogEntry *e, int level) {
                 ADD(f_pt);
                 ADD(f_ct);
                 ADD(f_attempts);
+                ADD(f_tried);
                 ADD(f_body);
 #undef ADD
                 (void) sd_journal_sendv(iov, (int) n);

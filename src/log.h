@@ -73,6 +73,7 @@ typedef struct RequestLogEntry {
         uint64_t prompt_tokens;   /* UINT64_MAX if unknown */
         uint64_t completion_tokens;
         unsigned attempts;
+        const char *tried;        /* providers tried, when more than one */
 } RequestLogEntry;
 
 void log_request(const RequestLogEntry *e, int level);

@@ -9,6 +9,7 @@
 #include <systemd/sd-daemon.h>
 
 #include "bus.h"
+#include "health.h"
 #include "log.h"
 #include "manager.h"
 #include "request.h"
@@ -170,6 +171,7 @@ int manager_reload(Manager *m, char **ret_error) {
 
         names = router_provider_names(m->router);
         stats_prune(m->stats, names);
+        health_prune(m, names);
         manager_apply_log_settings(m);
 
         /* A reload returns routing to what the files say: runtime changes are dropped. */
@@ -260,6 +262,7 @@ int manager_new(const ManagerOptions *options, Manager **ret) {
         manager_apply_log_settings(m);
         m->router = router_new(m->config);
         m->stats = stats_new();
+        m->health = health_table_new();
 
         r = sd_event_default(&m->event);
         if (r < 0)
@@ -283,6 +286,8 @@ Manager *manager_free(Manager *m) {
         }
         bus_done(m);
         http_server_free(m->http);
+        if (m->health)
+                g_hash_table_unref(m->health); /* probes are transfers: before curl goes */
         curl_glue_free(m->curl);
         sd_event_source_disable_unref(m->shutdown_timer);
         router_free(m->router);

@@ -35,6 +35,7 @@ typedef struct Manager {
         Config *config;
         Router *router;
         Stats *stats;
+        GHashTable *health;          /* name → ProviderHealth* */
         HttpServer *http;
         CurlGlue *curl;
 

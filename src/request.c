@@ -161,6 +161,7 @@ static void request_log_and_count(Request *r, enum MHD_RequestTerminationCode to
                 .prompt_tokens = r->prompt_tokens,
                 .completion_tokens = r->completion_tokens,
                 .attempts = r->attempts,
+                .tried = r->tried && (r->attempts > 1 || r->chain_index > 0) ? r->tried->str : NULL,
         };
         log_request(&e, level);
 }
@@ -168,8 +169,7 @@ static void request_log_and_count(Request *r, enum MHD_RequestTerminationCode to
 static Request *request_free(Request *r) {
         if (!r)
                 return NULL;
-        if (r->upstream)
-                r->upstream = upstream_free(r->upstream);
+        proxy_cancel(r);
         if (r->models)
                 r->models = models_query_free(r->models);
         if (r->response)
@@ -185,6 +185,10 @@ static Request *request_free(Request *r) {
         g_free(r->buf);
         g_free(r->error_message);
         g_free(r->logged_body);
+        if (r->chain)
+                g_ptr_array_unref(r->chain);
+        if (r->tried)
+                g_string_free(r->tried, TRUE);
         g_free(r);
         return NULL;
 }
@@ -210,6 +214,9 @@ static void request_add_common_headers(Request *r, struct MHD_Response *resp) {
         (void) MHD_add_response_header(resp, "X-Request-Id", r->request_id);
         if (r->provider)
                 (void) MHD_add_response_header(resp, "X-Provider", r->provider->name);
+        if (r->tried && (r->attempts > 1 || r->chain_index > 0))
+                /* Who was tried before the one that answered, in order. */
+                (void) MHD_add_response_header(resp, "X-Provider-Tried", r->tried->str);
         if (origin) {
                 (void) MHD_add_response_header(resp, "Access-Control-Allow-Origin", origin);
                 (void) MHD_add_response_header(resp, "Access-Control-Expose-Headers", "X-Provider, X-Request-Id");
@@ -306,8 +313,7 @@ static int request_on_hup(sd_event_source *s, int fd, uint32_t revents, void *us
          * rather than when it answers. */
         log_debug("%s: client closed the connection, aborting the upstream transfer", r->request_id);
         r->client_gone = true;
-        if (r->upstream)
-                r->upstream = upstream_free(r->upstream);
+        proxy_cancel(r);
         if (r->models)
                 r->models = models_query_free(r->models);
         if (r->error_class == ERROR_CLASS_NONE)
@@ -467,11 +473,18 @@ enum MHD_Result request_access_handler(void *cls, struct MHD_Connection *connect
                 return MHD_NO;
 
         if (*upload_data_size > 0) {
+                r->body_received += *upload_data_size;
                 request_body_append(r, upload_data, *upload_data_size);
                 *upload_data_size = 0;
                 /* Past the limit the rest is read and dropped, and the 413 goes out at the end:
                  * libmicrohttpd 0.9 refuses a response queued while the upload is still coming
-                 * (MHD_queue_response() fails and the client sees a reset, not a 413). */
+                 * (MHD_queue_response() fails and the client sees a reset, not a 413). Dropping
+                 * is bounded too: a client that keeps sending far past the limit is cut off. */
+                if (r->body_too_large && r->body_received > 4 * r->manager->config->max_body_size + 1024 * 1024) {
+                        request_set_error(r, ERROR_CLASS_NONE, "invalid_request_error",
+                                          "request body far larger than MaxBodySize=, connection closed");
+                        return MHD_NO;
+                }
                 return MHD_YES;
         }
 
@@ -497,8 +510,7 @@ void request_completed(void *cls, struct MHD_Connection *connection, void **con_
         if (!r)
                 return;
         *con_cls = NULL;
-        if (r->upstream)
-                r->upstream = upstream_free(r->upstream);
+        proxy_cancel(r);
         request_log_and_count(r, toe);
         request_free(r);
 }

@@ -40,13 +40,22 @@ struct Request {
         size_t body_size;
         size_t body_alloc;
         bool body_too_large;
+        uint64_t body_received;        /* including what was dropped past the limit */
         bool dispatched;
 
         /* routing */
         ChatRequestInfo info;
-        ProviderConfig *provider;      /* ref */
+        ProviderConfig *provider;      /* ref; the one serving the current attempt */
         ProviderStats *pstats;         /* ref; set while counted in flight */
         RouteReason reason;
+
+        /* failover: the routed provider, then its Fallbacks= */
+        GPtrArray *chain;              /* ProviderConfig* refs */
+        unsigned chain_index;          /* of the current attempt */
+        unsigned retries_left;         /* of the same provider, MaxRetries= */
+        usec_t attempt_start;          /* CLOCK_MONOTONIC */
+        sd_event_source *retry_timer;
+        GString *tried;                /* "a, b" when more than one provider was tried */
         char *upstream_body;           /* rewritten body, when one was needed */
         size_t upstream_body_size;
         char *upstream_url;

@@ -130,12 +130,6 @@ void provider_stats_end(ProviderStats *s, unsigned status, ErrorClass error, use
                 if (error != ERROR_CLASS_CLIENT_ABORT)
                         s->errors++;
         }
-        if (error == ERROR_CLASS_CONNECT || error == ERROR_CLASS_TIMEOUT)
-                s->consecutive_failures++;
-        else if (status >= 100 && error != ERROR_CLASS_CLIENT_ABORT) {
-                s->consecutive_failures = 0;
-                s->reached = true;
-        }
         histogram_record(&s->latency, duration);
         if (ttfb != USEC_INFINITY)
                 histogram_record(&s->ttfb, ttfb);
@@ -145,12 +139,6 @@ void provider_stats_end(ProviderStats *s, unsigned status, ErrorClass error, use
                 s->prompt_tokens += prompt_tokens;
                 s->completion_tokens += completion_tokens;
         }
-}
-
-const char *provider_stats_state(const ProviderStats *s) {
-        if (!s || (s->consecutive_failures == 0 && !s->reached))
-                return "unknown";
-        return s->consecutive_failures > 0 ? "failing" : "up";
 }
 
 static void provider_stats_destroy(gpointer p) {

@@ -56,12 +56,7 @@ typedef struct ProviderStats {
         uint64_t completion_tokens;
         Histogram latency;         /* whole request, µs */
         Histogram ttfb;            /* until the first byte of the answer, µs */
-        unsigned consecutive_failures; /* connection failures and timeouts in a row */
-        bool reached;              /* the provider answered at least once */
 } ProviderStats;
-
-/* "unknown" until the provider was tried, "up" after an answer, "failing" after failures. */
-const char *provider_stats_state(const ProviderStats *s);
 
 ProviderStats *provider_stats_ref(ProviderStats *s);
 ProviderStats *provider_stats_unref(ProviderStats *s);

@@ -237,7 +237,7 @@ static size_t upstream_write_cb(char *ptr, size_t size, size_t nmemb, void *user
                 return 0;
 
         now = now_usec(CLOCK_MONOTONIC);
-        if (u->first_byte == USEC_INFINITY)
+        if (u->first_byte == USEC_INFINITY && !u->stream)
                 u->first_byte = now;
         u->last_activity = now;
 
@@ -374,6 +374,11 @@ char **upstream_headers(Upstream *u) {
 
 usec_t upstream_first_byte_usec(Upstream *u) {
         return u->first_byte;
+}
+
+void upstream_mark_first_byte(Upstream *u) {
+        if (u->first_byte == USEC_INFINITY)
+                u->first_byte = now_usec(CLOCK_MONOTONIC);
 }
 
 bool upstream_is_paused(Upstream *u) {

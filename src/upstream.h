@@ -58,6 +58,9 @@ const char *upstream_retry_after(Upstream *u);
 /* Response headers worth passing to the client, as alternating name, value, NULL-terminated. */
 char **upstream_headers(Upstream *u);
 usec_t upstream_first_byte_usec(Upstream *u); /* CLOCK_MONOTONIC, USEC_INFINITY if none yet */
+/* For streams the owner says when the answer has really begun (its first data event), which
+ * ends the first-byte timeout; other transfers begin with their first body byte. */
+void upstream_mark_first_byte(Upstream *u);
 bool upstream_is_paused(Upstream *u);
 void upstream_pause(Upstream *u);
 void upstream_resume(Upstream *u);

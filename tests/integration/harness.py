@@ -253,7 +253,9 @@ def router_config(port, providers, default=None, mappings=None, router=None, wit
         default = names[0]
     if default:
         lines.append("DefaultProvider=%s" % default)
-    keys = {"LogLevel": "debug", "LogRequests": "true"}
+    # The circuit breaker would turn one test's deliberate failures into another's 503s; the
+    # tests of the breaker itself set FailureThreshold.
+    keys = {"LogLevel": "debug", "LogRequests": "true", "FailureThreshold": "0"}
     keys.update(router or {})
     for k, v in keys.items():
         lines.append("%s=%s" % (k, v))
@@ -272,6 +274,10 @@ def router_config(port, providers, default=None, mappings=None, router=None, wit
     return "\n".join(lines) + "\n"
 
 
+class _PortTaken(Exception):
+    pass
+
+
 class Router(_Process):
     """The real daemon, started by hand (binding Host:Port itself) or through
     systemd-socket-activate.
@@ -283,9 +289,22 @@ class Router(_Process):
 
     def __init__(self, config=None, dropins=None, env=None, args=(), socket_activated=False,
                  port=None, wait=True, workdir=None):
-        self.port = port or free_port()
         self._own_dir = workdir is None
         workdir = workdir or tempfile.mkdtemp(prefix="provider-router-test-")
+        self.socket_activated = socket_activated
+        # A free port may be taken by someone else before the daemon binds it: then try another,
+        # unless the caller chose the port.
+        for attempt in range(3):
+            self.port = port or free_port()
+            try:
+                self._launch(workdir, config, dropins, env, args, wait)
+                return
+            except _PortTaken:
+                self.kill()
+                if port or attempt == 2:
+                    raise AssertionError("port %d is in use\n%s" % (self.port, self.log())) from None
+
+    def _launch(self, workdir, config, dropins, env, args, wait):
         self.config_path = None
         if config is not None:
             text = config(self.port) if callable(config) else config
@@ -310,8 +329,7 @@ class Router(_Process):
         if self.config_path:
             daemon += ["--config", self.config_path]
         daemon += list(args)
-        self.socket_activated = socket_activated
-        if socket_activated:
+        if self.socket_activated:
             # systemd-socket-activate passes on only what -E names.
             argv = ["systemd-socket-activate", "-l", "%s:%d" % (LOOPBACK, self.port)]
             for k, v in full_env.items():
@@ -320,9 +338,10 @@ class Router(_Process):
             argv += daemon
         else:
             argv = daemon
-        super().__init__(argv, full_env, workdir, "provider-router.log")
-        if socket_activated:
-            # It listens before the daemon runs: wait for the socket, not for the daemon.
+        _Process.__init__(self, argv, full_env, workdir, "provider-router.log")
+        if self.socket_activated:
+            # It listens before the daemon runs (the first connection starts it): wait for the
+            # socket, then for the daemon.
             wait_until(lambda: _port_open(self.port) or self._dead(), 10 * SLOW,
                        what="systemd-socket-activate to listen")
         if wait:
@@ -330,8 +349,11 @@ class Router(_Process):
 
     def _dead(self):
         if not self.alive():
+            log = self.log()
+            if "in use" in log:
+                raise _PortTaken()
             raise AssertionError("%s exited early with %r\n--- log ---\n%s" % (
-                self.label, self.proc.returncode, self.log()))
+                self.label, self.proc.returncode, log))
         return False
 
     def wait_ready(self, timeout=15.0):
@@ -758,8 +780,15 @@ class SharedRouterTestCase(RouterTestCase):
 
 
 def main():
+    """unittest.main(), then exit 77 (meson's "skipped") when every test was skipped."""
     try:
-        unittest.main(verbosity=2, buffer=False)
+        prog = unittest.main(verbosity=2, exit=False)
     finally:
         for p in list(_live):
             p.kill()
+    result = prog.result
+    if not result.wasSuccessful():
+        sys.exit(1)
+    if result.skipped and result.testsRun <= len(result.skipped):
+        sys.exit(77)
+    sys.exit(0)
