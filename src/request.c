@@ -82,6 +82,57 @@ static bool request_id_is_valid(const char *id) {
         return true;
 }
 
+static bool digest_equal(const char *a, const char *b) {
+        size_t n = strlen(a);
+        unsigned char d = 0;
+
+        /* Both are hex SHA-256 digests: the same length, compared in full every time. */
+        if (n != strlen(b))
+                return false;
+        for (size_t i = 0; i < n; i++)
+                d |= (unsigned char) (a[i] ^ b[i]);
+        return d == 0;
+}
+
+/* With client tokens configured, the API needs "Authorization: Bearer TOKEN". Every configured
+ * token is compared, in constant time, whatever matched before. */
+static bool request_authorized(Request *r) {
+        GPtrArray *digests = r->manager->config->client_token_digests;
+        const char *h, *token;
+        g_autofree char *digest = NULL;
+        bool ok = false;
+
+        if (!digests)
+                return true;
+        if (r->endpoint == ENDPOINT_HEALTH || r->endpoint == ENDPOINT_PREFLIGHT)
+                return true;
+        h = request_header(r, MHD_HTTP_HEADER_AUTHORIZATION);
+        if (!h || g_ascii_strncasecmp(h, "Bearer ", 7) != 0)
+                return false;
+        token = h + 7;
+        while (*token == ' ')
+                token++;
+        digest = config_token_digest(token, strlen(token));
+        for (guint i = 0; i < digests->len; i++)
+                ok |= digest_equal(digest, digests->pdata[i]);
+        return ok;
+}
+
+static void request_respond_unauthorized(Request *r) {
+        struct MHD_Response *resp;
+        char *json = json_error_body("authentication_error",
+                                     "Missing or invalid bearer token: this router requires 'Authorization: Bearer TOKEN'.",
+                                     NULL, "invalid_api_key");
+
+        resp = MHD_create_response_from_buffer_with_free_callback(strlen(json), json, g_free);
+        (void) MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
+        (void) MHD_add_response_header(resp, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer realm=\"provider-router\"");
+        r->error_type = "authentication_error";
+        r->bytes_out = strlen(json);
+        r->manager->stats->rejected++;
+        request_respond(r, MHD_HTTP_UNAUTHORIZED, resp);
+}
+
 static Request *request_new(Manager *m, struct MHD_Connection *c, const char *method, const char *url) {
         Request *r = g_new0(Request, 1);
         const char *id;
@@ -441,7 +492,7 @@ enum MHD_Result request_access_handler(void *cls, struct MHD_Connection *connect
         Request *r = *con_cls;
 
         if (!r) {
-                bool method_ok;
+                bool method_ok = true;
 
                 r = request_new(m, connection, method, url);
                 *con_cls = r;
@@ -449,20 +500,23 @@ enum MHD_Result request_access_handler(void *cls, struct MHD_Connection *connect
 
                 if (streq(method, "OPTIONS"))
                         r->endpoint = ENDPOINT_PREFLIGHT;
-                else {
+                else
                         r->endpoint = endpoint_from_request(method, url, &method_ok);
-                        if (!method_ok) {
-                                Endpoint e = r->endpoint;
-                                r->endpoint = ENDPOINT_METHOD_NOT_ALLOWED;
-                                request_dispatch(r);
-                                r->endpoint = e;
-                        } else if ((r->endpoint == ENDPOINT_CHAT || r->endpoint == ENDPOINT_COMPLETIONS ||
-                                    r->endpoint == ENDPOINT_EMBEDDINGS) && !request_check_content_length(r)) {
-                                /* Refuse before reading a byte of it. */
-                                r->body_too_large = true;
-                                r->dispatched = true;
-                                request_dispatch(r);
-                        }
+
+                if (!request_authorized(r)) {
+                        r->dispatched = true;
+                        request_respond_unauthorized(r);
+                } else if (!method_ok) {
+                        Endpoint e = r->endpoint;
+                        r->endpoint = ENDPOINT_METHOD_NOT_ALLOWED;
+                        request_dispatch(r);
+                        r->endpoint = e;
+                } else if ((r->endpoint == ENDPOINT_CHAT || r->endpoint == ENDPOINT_COMPLETIONS ||
+                            r->endpoint == ENDPOINT_EMBEDDINGS) && !request_check_content_length(r)) {
+                        /* Refuse before reading a byte of it. */
+                        r->body_too_large = true;
+                        r->dispatched = true;
+                        request_dispatch(r);
                 }
                 if (r->response)
                         return request_queue(r);
