@@ -379,8 +379,9 @@ class Router(_Process):
         return http_request(self.port, "POST", "/v1/chat/completions", body=body, headers=headers,
                             timeout=timeout)
 
-    def stream(self, body, headers=None, timeout=30.0):
-        return stream_request(self.port, "/v1/chat/completions", body, headers=headers, timeout=timeout)
+    def stream(self, body, headers=None, timeout=30.0, on_event=None):
+        return stream_request(self.port, "/v1/chat/completions", body, headers=headers, timeout=timeout,
+                              on_event=on_event)
 
 
 _PASSED_TO_ACTIVATED = ("PATH", "LANG", "HOME", "STATE_DIRECTORY", "ASAN_OPTIONS", "UBSAN_OPTIONS",
@@ -513,8 +514,9 @@ def split_events(buf):
         buf = buf[m.end():]
 
 
-def stream_request(port, path, body, headers=None, timeout=30.0):
-    """POST and read the answer as it comes, timing each SSE event."""
+def stream_request(port, path, body, headers=None, timeout=30.0, on_event=None):
+    """POST and read the answer as it comes, timing each SSE event. on_event(time, event) is
+    called for each event the moment it is complete."""
     data = _encode_body(body)
     h = {"Content-Type": "application/json", "Accept": "text/event-stream"}
     h.update(headers or {})
@@ -538,7 +540,10 @@ def stream_request(port, path, body, headers=None, timeout=30.0):
             now = time.monotonic()
             raw += chunk
             got, rest = split_events(rest + chunk)
-            events += [(now, ev) for ev in got]
+            for ev in got:
+                events.append((now, ev))
+                if on_event:
+                    on_event(now, ev)
         else:
             raise AssertionError("stream not finished after %.0f s" % (timeout * SLOW))
         if rest.strip():

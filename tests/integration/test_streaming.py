@@ -24,8 +24,18 @@ class StreamingTest(SharedRouterTestCase):
 
     def test_frames_arrive_before_upstream_finishes(self):
         frames, delay_ms = 6, 250
+        seen = {}
+
+        def on_event(t, ev):
+            # When the first content frame is here, the provider is still producing: ordering,
+            # not timing.
+            if b'"content":"' in ev and b'"content":""' not in ev and "first" not in seen:
+                seen["first"] = self.alpha.stats()
         s = self.router.stream(chat_body("one two three four five six", stream=True,
-                                         mock={"frames": frames, "frame_delay_ms": delay_ms}))
+                                         mock={"frames": frames, "frame_delay_ms": delay_ms}),
+                               on_event=on_event)
+        self.assertEqual(seen["first"]["streams_completed"], 0, seen)
+        self.assertEqual(seen["first"]["in_flight"], 1, seen)
         self.assert_stream_headers(s, "alpha")
         self.assertTrue(s.complete)
         self.assertTrue(s.done())
