@@ -416,8 +416,9 @@ static char *content_slice(Ctx *c, unsigned i, unsigned n) {
         if (c->size > text_len) {
                 uint64_t pad = c->size - text_len;
                 uint64_t mine = pad / n + (i < pad % n ? 1 : 0);
-                for (uint64_t k = 0; k < mine; k++)
-                        g_string_append_c(s, 'x');
+                size_t old_len = s->len;
+                g_string_set_size(s, old_len + (size_t) mine);
+                memset(s->str + old_len, 'x', (size_t) mine);
         }
         return g_string_free(s, FALSE);
 }
