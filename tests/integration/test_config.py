@@ -137,6 +137,19 @@ class PrecedenceTest(RouterTestCase):
         health = router.request("GET", "/health").json()
         self.assertEqual(health["default_provider"], "alpha")
 
+    def test_provider_override_disabled(self):
+        providers = {"alpha": self.alpha.base_url, "beta": self.beta.base_url}
+        router = self.start_router(lambda port: router_config(
+            port, providers, default="alpha", mappings={"m-beta": "beta"},
+            router={"AllowProviderOverride": "false"}))
+        # The header is not obeyed; mapping and default still are.
+        r = router.chat(chat_body("x"), headers={"X-Provider": "beta"})
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.header("X-Provider"), "alpha")
+        r = router.chat(chat_body("x", model="m-beta"), headers={"X-Provider": "alpha"})
+        self.assertEqual(r.header("X-Provider"), "beta")
+        self.assertEqual(self.beta.stats()["chat"], 1)
+
     def test_request_timeout_from_environment(self):
         providers = {"alpha": self.alpha.base_url}
         router = self.start_router(lambda port: router_config(port, providers),

@@ -142,6 +142,17 @@ class RoutingTest(SharedRouterTestCase):
         self.assertEqual(last["path"], "/v1/chat/completions")
         self.assertEqual(last["method"], "POST")
 
+    def test_large_body_forwarded_intact(self):
+        content = "".join(chr(0x41 + (i * 7) % 26) for i in range(900 * 1024))
+        body = chat_body(content, model="unmapped-model")
+        import json as _json
+        data = _json.dumps(body).encode()
+        r = self.chat_ok(data)
+        self.assertEqual(r.json()["choices"][0]["message"]["content"], "alpha: " + content)
+        last = self.alpha.stats()["last_request"]
+        self.assertEqual(last["body_size"], len(data))
+        self.assertEqual(last["body"].encode(), data)
+
     def test_authorization(self):
         # A provider without a key of its own gets the client's Authorization header...
         self.chat_ok(chat_body(), headers={"Authorization": "Bearer client-token"})

@@ -15,6 +15,14 @@ from harness import (SLOW, RawClient, SharedRouterTestCase, chat_body, main,  # 
 
 class StreamingTest(SharedRouterTestCase):
 
+    @classmethod
+    def extra_providers(cls):
+        return {
+            # alpha again, with short timeouts: a silent stream is cut after 1 s, an answer
+            # that has not started after 1 s too; a stream that keeps talking never is.
+            "idle": {"BaseURL": cls.alpha.base_url, "StreamIdleTimeoutSec": "1", "RequestTimeoutSec": "1"},
+        }
+
     def assert_stream_headers(self, s, provider):
         self.assertEqual(s.status, 200)
         self.assertTrue((s.header("Content-Type") or "").startswith("text/event-stream"), s.headers)
@@ -114,6 +122,59 @@ class StreamingTest(SharedRouterTestCase):
         self.assertEqual(self.alpha.stats()["streams_dropped"], 1)
         self.assert_still_serves(self.router)
         self.assert_still_serves(self.router, self.alpha)
+
+    def test_silent_stream_cut_by_idle_timeout(self):
+        s = self.router.stream(chat_body("a b c", stream=True, mock={"frames": 3, "frame_delay_ms": 4000}),
+                               headers={"X-Provider": "idle"})
+        self.assert_stream_headers(s, "idle")
+        self.assertFalse(s.done(), s.raw)
+        err = s.json_chunks()[-1].get("error")
+        self.assertIsInstance(err, dict, s.raw)
+        self.assertEqual(err.get("type"), "timeout_error", err)
+        self.assertEqual(err.get("provider"), "idle", err)
+        # Cut after about a second of silence, long before the 12 s the provider would take.
+        self.assertLess(s.ended - s.started, 8 * SLOW)
+        self.alpha.wait_stat("streams_aborted", 1)
+        self.assert_still_serves(self.router)
+
+    def test_long_healthy_stream_not_cut(self):
+        # 8 frames 0.4 s apart: 3.2 s in all, well past RequestTimeoutSec=1 and
+        # StreamIdleTimeoutSec=1, but never silent for 1 s.
+        s = self.router.stream(chat_body("one two three four five six seven eight", stream=True,
+                                         mock={"frames": 8, "frame_delay_ms": 400}),
+                               headers={"X-Provider": "idle"})
+        self.assert_stream_headers(s, "idle")
+        self.assertTrue(s.done(), s.raw)
+        self.assertTrue(s.complete)
+        self.assertEqual(s.content(), "alpha: one two three four five six seven eight")
+        self.assertGreaterEqual(s.ended - s.started, 2.5)
+        self.assertEqual(self.alpha.stats()["streams_completed"], 1)
+
+    def test_concurrent_streams_do_not_mix(self):
+        import threading
+        results, errors = {}, []
+
+        def one(i):
+            provider = "alpha" if i % 2 == 0 else "beta"
+            try:
+                results[i] = (provider, self.router.stream(
+                    chat_body("stream number %d" % i, stream=True, mock={"frames": 5, "frame_delay_ms": 60}),
+                    headers={"X-Provider": provider}))
+            except Exception as e:  # reported below
+                errors.append(e)
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60 * SLOW)
+        self.assertEqual(errors, [])
+        self.assertEqual(len(results), 8)
+        for i, (provider, s) in results.items():
+            self.assert_stream_headers(s, provider)
+            self.assertTrue(s.done())
+            self.assertEqual(s.content(), "%s: stream number %d" % (provider, i))
+        self.assertEqual(self.alpha.stats()["streams_completed"], 4)
+        self.assertEqual(self.beta.stats()["streams_completed"], 4)
 
     def test_client_disconnect_cancels_upstream(self):
         frames, delay_ms = 100, 100  # 10 s if left alone
