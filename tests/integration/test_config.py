@@ -11,9 +11,10 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (PROVIDER_ROUTER, SHIPPED_CONFIG, SLOW, RouterTestCase, _base_env,  # noqa: E402
-                     chat_body, closed_port, free_port, main, router_config, run_check_config)
+                     chat_body, free_port, main, router_config, run_check_config)
 
 DEFAULT_CONFIG_FILE = "/etc/provider-router/provider-router.conf"
+QWEN_KEY = "sk-qwen-from-environment-42"
 
 BAD_CONFIG = """\
 [Router]
@@ -164,6 +165,7 @@ class PrecedenceTest(RouterTestCase):
                      "%s exists on this machine: the run would not be environment-only" % DEFAULT_CONFIG_FILE)
     def test_environment_only(self):
         """No configuration file at all: the plan's defaults plus its environment variables."""
+        gamma = self.start_mock("gamma")
         port = free_port()
         env = {
             "PORT": port,
@@ -173,8 +175,9 @@ class PrecedenceTest(RouterTestCase):
             "QWEN_PROXY_BASE_URL": "http://127.0.0.1:%d" % self.alpha.port,
             "LM_STUDIO_BASE_URL": self.beta.base_url,
             "LM_STUDIO_DEFAULT_MODEL": "beta-default",
-            # Never the real service from a test: point qwen-direct at a closed loopback port.
-            "QWEN_BASE_URL": "http://127.0.0.1:%d/v1" % closed_port(),
+            # Never the real service from a test: qwen-direct is a third loopback mock.
+            "QWEN_BASE_URL": gamma.base_url,
+            "QWEN_API_KEY": QWEN_KEY,
             "MODEL_MAPPINGS": "coder:lm-studio,chat:qwen-proxy",
             "LOG_LEVEL": "debug",
         }
@@ -199,12 +202,12 @@ class PrecedenceTest(RouterTestCase):
         for name in ("lm-studio", "qwen-proxy", "qwen-direct"):
             self.assertIn(name, health["providers"])
 
-        r = router.chat(chat_body(), headers={"X-Provider": "qwen-direct"})
-        self.assert_error(r, 502, "connection_error", provider="qwen-direct")
-        # Still serving after that failure.
-        r = router.chat(chat_body("again"))
+        # QWEN_API_KEY is what qwen-direct gets, whatever the client sent; it is never logged.
+        r = router.chat(chat_body("key?"), headers={"X-Provider": "qwen-direct", "Authorization": "Bearer mine"})
         self.assertEqual(r.status, 200, r)
-        self.assertEqual(r.json()["choices"][0]["message"]["content"], "alpha: again")
+        self.assertEqual(r.json()["choices"][0]["message"]["content"], "gamma: key?")
+        self.assertEqual(gamma.stats()["last_request"]["headers"].get("authorization"), "Bearer " + QWEN_KEY)
+        self.assertNotIn(QWEN_KEY, router.log(limit=None))
 
 
 if __name__ == "__main__":

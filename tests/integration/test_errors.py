@@ -78,6 +78,14 @@ class ErrorsTest(SharedRouterTestCase):
         self.assert_still_serves(self.router)
         self.assert_still_serves(self.router, self.alpha)
 
+    def test_models_with_a_provider_down(self):
+        r = self.router.request("GET", "/v1/models")
+        self.assertEqual(r.status, 200, r)
+        ids = [m["id"] for m in r.json()["data"]]
+        self.assertIn("alpha-1", ids)
+        self.assertIn("beta-1", ids)
+        self.assert_still_serves(self.router)
+
     # --- bad requests ---------------------------------------------------------------------
 
     def test_body_too_large_content_length(self):

@@ -178,12 +178,20 @@ class RoutingTest(SharedRouterTestCase):
         self.assertGreaterEqual(self.alpha.stats()["models"], 1)
         self.assertGreaterEqual(self.beta.stats()["models"], 1)
 
-    def test_models_survive_a_provider_error(self):
-        # One provider failing its listing does not fail the union (both mocks are up here, so
-        # this is simply the same request twice: answers are stable).
-        a = self.router.request("GET", "/v1/models").json()
-        b = self.router.request("GET", "/v1/models").json()
-        self.assertEqual(sorted(m["id"] for m in a["data"]), sorted(m["id"] for m in b["data"]))
+    def test_head_and_trailing_slash(self):
+        r = self.router.request("HEAD", "/health")
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.body, b"")
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", self.router.port, timeout=30)
+        try:
+            conn.request("POST", "/v1/chat/completions/", body=json.dumps(chat_body()),
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            self.assertEqual(resp.status, 200)
+            resp.read()
+        finally:
+            conn.close()
 
     def test_health(self):
         r = self.router.request("GET", "/health")
