@@ -309,6 +309,28 @@ check "a D-Bus call starts the stopped service (SystemdService=)" \
         sh -c 'busctl --timeout=30 get-property org.providerrouter.Router1 /org/providerrouter/Router1 org.providerrouter.Router1 Version | grep -q "^s " && systemctl is-active --quiet provider-router.service'
 check "provider-routerctl status works" sh -c 'provider-routerctl --no-pager status | grep -q "Default provider"'
 
+# ---- an existing .env of the original router as EnvironmentFile= ------------------------
+cat >/etc/provider-router/provider-router.env <<EOF
+# the plan's variables
+DEFAULT_PROVIDER=echo
+MODEL_MAPPINGS=env-model:mock,other-model:echo
+LOG_LEVEL=info
+EOF
+chmod 0600 /etc/provider-router/provider-router.env
+cat >/etc/systemd/system/provider-router.service.d/60-env.conf <<EOF
+[Service]
+EnvironmentFile=/etc/provider-router/provider-router.env
+EOF
+systemctl daemon-reload
+env_applied() {
+        timeout 60 systemctl restart provider-router.service &&
+                is_default echo &&
+                busctl_router get-property ModelMappings | grep -q '"env-model" "mock"'
+}
+check "an existing .env works as an EnvironmentFile= drop-in (DEFAULT_PROVIDER, MODEL_MAPPINGS)" env_applied
+env_routed() { chat envreq "" '{"model":"env-model","messages":[{"role":"user","content":"x"}]}' && served_by envreq mock; }
+check "... and routes by it" env_routed
+
 # ---- removal ---------------------------------------------------------------------------
 check "the package removes cleanly (dpkg -r)" dpkg -r provider-router
 check "... stopping the socket and the service" \
