@@ -17,7 +17,7 @@ trap 'rm -f "$conf"' EXIT
 export PR_DAEMON=$daemon PR_CONF=$conf
 
 timeout 30 dbus-run-session -- sh -eu -c '
-        PORT=${PORT:-39517} "$PR_DAEMON" --bus=session --config="$PR_CONF" 2>/dev/null &
+        PORT=${PORT:-$((20000 + $$ % 30000))} "$PR_DAEMON" --bus=session --config="$PR_CONF" 2>/dev/null &
         pid=$!
         trap "kill \$pid 2>/dev/null || true" EXIT
         i=0
