@@ -2,6 +2,7 @@
 #include <json-glib/json-glib.h>
 
 #include "inspect.h"
+#include "json-scan.h"
 
 void chat_request_info_clear(ChatRequestInfo *info) {
         g_clear_pointer(&info->model, g_free);
@@ -9,66 +10,78 @@ void chat_request_info_clear(ChatRequestInfo *info) {
         info->has_messages = false;
 }
 
-static int parse_object(const char *body, size_t size, JsonParser **ret_parser, JsonObject **ret_object,
-                        char **ret_message) {
-        g_autoptr(JsonParser) parser = json_parser_new_immutable();
-        g_autoptr(GError) error = NULL;
-        JsonNode *root;
+typedef struct ChatScan {
+        ChatRequestInfo *info;
+        const char *error;
+} ChatScan;
 
-        if (size == 0) {
-                *ret_message = g_strdup("The request body is empty; expected a JSON object.");
-                return -EINVAL;
-        }
-        if (!json_parser_load_from_data(parser, body, (gssize) size, &error)) {
-                *ret_message = g_strdup_printf("The request body is not valid JSON: %s", error->message);
-                return -EINVAL;
-        }
-        root = json_parser_get_root(parser);
-        if (!root || !JSON_NODE_HOLDS_OBJECT(root)) {
-                *ret_message = g_strdup("The request body must be a JSON object.");
-                return -EINVAL;
-        }
-        *ret_object = json_node_get_object(root);
-        *ret_parser = TAKE_PTR(parser);
+static int chat_member(const JsonSpan *key, const JsonSpan *value, void *userdata) {
+        ChatScan *c = userdata;
+
+        if (json_span_equal(key, "model")) {
+                if (value->type == JSON_VALUE_NULL) {
+                        g_clear_pointer(&c->info->model, g_free);
+                        return 0;
+                }
+                if (value->type != JSON_VALUE_STRING) {
+                        c->error = "'model' must be a string.";
+                        return -EINVAL;
+                }
+                g_free(c->info->model);
+                c->info->model = json_span_to_string(value);
+                if (!c->info->model) {
+                        c->error = "'model' must not contain NUL characters.";
+                        return -EINVAL;
+                }
+        } else if (json_span_equal(key, "stream")) {
+                if (value->type != JSON_VALUE_TRUE && value->type != JSON_VALUE_FALSE && value->type != JSON_VALUE_NULL) {
+                        c->error = "'stream' must be a boolean.";
+                        return -EINVAL;
+                }
+                c->info->stream = value->type == JSON_VALUE_TRUE;
+        } else if (json_span_equal(key, "messages"))
+                c->info->has_messages = value->type == JSON_VALUE_ARRAY;
         return 0;
 }
 
+static bool starts_with_object(const char *body, size_t size) {
+        for (size_t i = 0; i < size; i++) {
+                if (body[i] == ' ' || body[i] == '\t' || body[i] == '\n' || body[i] == '\r')
+                        continue;
+                return body[i] == '{';
+        }
+        return false;
+}
+
 int inspect_chat_request(const char *body, size_t size, ChatRequestInfo *ret, char **ret_message) {
-        g_autoptr(JsonParser) parser = NULL;
-        JsonObject *o = NULL;
-        JsonNode *n;
+        ChatScan c = { .info = ret };
+        JsonScanError e = {};
         int r;
 
         g_assert(ret);
         g_assert(ret_message);
 
-        r = parse_object(body, size, &parser, &o, ret_message);
-        if (r < 0)
-                return r;
-
         *ret = (ChatRequestInfo) {};
-
-        n = json_object_get_member(o, "model");
-        if (n && !JSON_NODE_HOLDS_NULL(n)) {
-                if (!JSON_NODE_HOLDS_VALUE(n) || json_node_get_value_type(n) != G_TYPE_STRING) {
-                        *ret_message = g_strdup("'model' must be a string.");
-                        return -EINVAL;
-                }
-                ret->model = g_strdup(json_node_get_string(n));
+        if (size == 0) {
+                *ret_message = g_strdup("The request body is empty; expected a JSON object.");
+                return -EINVAL;
         }
 
-        n = json_object_get_member(o, "stream");
-        if (n && !JSON_NODE_HOLDS_NULL(n)) {
-                if (!JSON_NODE_HOLDS_VALUE(n) || json_node_get_value_type(n) != G_TYPE_BOOLEAN) {
-                        chat_request_info_clear(ret);
-                        *ret_message = g_strdup("'stream' must be a boolean.");
-                        return -EINVAL;
-                }
-                ret->stream = json_node_get_boolean(n);
+        r = json_scan(body, size, chat_member, &c, &e);
+        if (r < 0) {
+                chat_request_info_clear(ret);
+                if (c.error)
+                        *ret_message = g_strdup(c.error);
+                else
+                        *ret_message = g_strdup_printf("The request body is not valid JSON: %s at byte %zu.",
+                                                       e.reason, e.offset);
+                return -EINVAL;
         }
-
-        n = json_object_get_member(o, "messages");
-        ret->has_messages = n && JSON_NODE_HOLDS_ARRAY(n);
+        if (!starts_with_object(body, size)) {
+                chat_request_info_clear(ret);
+                *ret_message = g_strdup("The request body must be a JSON object.");
+                return -EINVAL;
+        }
         return 0;
 }
 
@@ -92,38 +105,42 @@ int inspect_set_model(const char *body, size_t size, const char *model, char **r
         return 0;
 }
 
-static bool get_uint(JsonObject *o, const char *name, uint64_t *ret) {
-        JsonNode *n = json_object_get_member(o, name);
-        if (!n || !JSON_NODE_HOLDS_VALUE(n) || json_node_get_value_type(n) != G_TYPE_INT64)
-                return false;
-        if (json_node_get_int(n) < 0)
-                return false;
-        *ret = (uint64_t) json_node_get_int(n);
-        return true;
+typedef struct UsageScan {
+        uint64_t prompt, completion;
+        bool have_prompt, have_completion, have_usage;
+} UsageScan;
+
+static int usage_counts_member(const JsonSpan *key, const JsonSpan *value, void *userdata) {
+        UsageScan *u = userdata;
+
+        if (json_span_equal(key, "prompt_tokens"))
+                u->have_prompt = json_span_to_uint64(value, &u->prompt) >= 0;
+        else if (json_span_equal(key, "completion_tokens"))
+                u->have_completion = json_span_to_uint64(value, &u->completion) >= 0;
+        return 0;
+}
+
+static int usage_member(const JsonSpan *key, const JsonSpan *value, void *userdata) {
+        UsageScan *u = userdata;
+
+        if (!json_span_equal(key, "usage") || value->type != JSON_VALUE_OBJECT)
+                return 0;
+        u->have_usage = true;
+        u->have_prompt = u->have_completion = false;
+        return json_scan(value->data, value->size, usage_counts_member, u, NULL);
 }
 
 int inspect_usage(const char *body, size_t size, uint64_t *ret_prompt, uint64_t *ret_completion) {
-        g_autoptr(JsonParser) parser = json_parser_new_immutable();
-        JsonNode *root, *usage;
-        JsonObject *u;
-        uint64_t p = 0, c = 0;
+        UsageScan u = {};
 
         /* Cheap test first: most stream chunks carry no usage. */
-        if (!g_strstr_len(body, (gssize) size, "\"usage\""))
+        if (!memmem(body, size, "\"usage\"", STRLEN("\"usage\"")))
                 return -ENOENT;
-        if (!json_parser_load_from_data(parser, body, (gssize) size, NULL))
+        if (json_scan(body, size, usage_member, &u, NULL) < 0)
                 return -EINVAL;
-        root = json_parser_get_root(parser);
-        if (!root || !JSON_NODE_HOLDS_OBJECT(root))
-                return -EINVAL;
-        usage = json_object_get_member(json_node_get_object(root), "usage");
-        if (!usage || !JSON_NODE_HOLDS_OBJECT(usage))
+        if (!u.have_usage || (!u.have_prompt && !u.have_completion))
                 return -ENOENT;
-        u = json_node_get_object(usage);
-        if (!get_uint(u, "prompt_tokens", &p) && !get_uint(u, "completion_tokens", &c))
-                return -ENOENT;
-        (void) get_uint(u, "completion_tokens", &c);
-        *ret_prompt = p;
-        *ret_completion = c;
+        *ret_prompt = u.have_prompt ? u.prompt : 0;
+        *ret_completion = u.have_completion ? u.completion : 0;
         return 0;
 }
