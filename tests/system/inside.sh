@@ -331,6 +331,22 @@ check "an existing .env works as an EnvironmentFile= drop-in (DEFAULT_PROVIDER, 
 env_routed() { chat envreq "" '{"model":"env-model","messages":[{"role":"user","content":"x"}]}' && served_by envreq mock; }
 check "... and routes by it" env_routed
 
+# ---- client tokens from the shipped credential -----------------------------------------
+install -m 0600 /dev/null /etc/credstore/provider-router-client-tokens
+printf '# system test\nsystem-test-client-token\n' >/etc/credstore/provider-router-client-tokens
+printf '[Router]\nClientTokensCredential=provider-router-client-tokens\n' \
+        >/etc/provider-router/provider-router.conf.d/60-client-tokens.conf
+http_code() { curl -s --max-time 10 -o /dev/null -w '%{http_code}' "$@"; }
+tokens_enforced() {
+        local body='{"model":"echo","messages":[{"role":"user","content":"x"}]}'
+        timeout 60 systemctl restart provider-router.service &&
+                [ "$(http_code -H 'X-Provider: echo' -d "$body" "$url/v1/chat/completions")" = 401 ] &&
+                [ "$(http_code -H 'X-Provider: echo' -H 'Authorization: Bearer wrong' -d "$body" "$url/v1/chat/completions")" = 401 ] &&
+                [ "$(http_code -H 'X-Provider: echo' -H 'Authorization: Bearer system-test-client-token' -d "$body" "$url/v1/chat/completions")" = 200 ] &&
+                [ "$(http_code "$url/health")" = 200 ]
+}
+check "client tokens from /etc/credstore: 401 without or with a wrong token, 200 with it, /health open" tokens_enforced
+
 # ---- removal ---------------------------------------------------------------------------
 check "the package removes cleanly (dpkg -r)" dpkg -r provider-router
 check "... stopping the socket and the service" \
