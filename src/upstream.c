@@ -377,8 +377,13 @@ usec_t upstream_first_byte_usec(Upstream *u) {
 }
 
 void upstream_mark_first_byte(Upstream *u) {
-        if (u->first_byte == USEC_INFINITY)
-                u->first_byte = now_usec(CLOCK_MONOTONIC);
+        if (u->first_byte != USEC_INFINITY)
+                return;
+        u->first_byte = now_usec(CLOCK_MONOTONIC);
+        /* From now on the stream's idle timeout applies, which may end sooner than the
+         * first-byte deadline the timer is armed for. */
+        if (u->running)
+                (void) sd_event_source_set_time(u->timer, upstream_deadline(u));
 }
 
 bool upstream_is_paused(Upstream *u) {
