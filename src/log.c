@@ -59,6 +59,24 @@ void log_setup(void) {
         target = stderr_is_journal() ? LOG_TARGET_JOURNAL : LOG_TARGET_STDERR;
 }
 
+void log_buffer_requests(bool b) {
+        static char buffer[64 * 1024];
+
+        /* Request lines on stderr are collected and written once per event loop iteration (see
+         * log_flush()); under load one write() carries many requests. Other messages flush at
+         * once. */
+        if (b)
+                (void) setvbuf(stderr, buffer, _IOFBF, sizeof(buffer));
+        else {
+                (void) fflush(stderr);
+                (void) setvbuf(stderr, NULL, _IONBF, 0);
+        }
+}
+
+void log_flush(void) {
+        (void) fflush(stderr);
+}
+
 void log_set_target(LogTarget t) {
         target = t;
 }
@@ -99,22 +117,25 @@ int log_internal(int level, int error, const char *file, int line, const char *f
                                                "SYSLOG_IDENTIFIER=provider-router",
                                                "CODE_FILE=%s", file, code_line,
                                                "CODE_FUNC=%s", func, NULL);
-        } else
+        } else {
                 (void) fprintf(stderr, "%s\n", buf);
+                (void) fflush(stderr);
+        }
 
         errno = saved_errno;
         return -error;
 }
 
 static void format_duration(char *buf, size_t n, usec_t u) {
+        /* Integer arithmetic: this runs for every request. */
         if (u == USEC_INFINITY)
                 (void) snprintf(buf, n, "-");
         else if (u < 10 * USEC_PER_MSEC)
-                (void) snprintf(buf, n, "%.2fms", (double) u / USEC_PER_MSEC);
+                (void) snprintf(buf, n, "%u.%02ums", (unsigned) (u / 1000), (unsigned) (u % 1000 / 10));
         else if (u < 10 * USEC_PER_SEC)
-                (void) snprintf(buf, n, "%.1fms", (double) u / USEC_PER_MSEC);
+                (void) snprintf(buf, n, "%u.%01ums", (unsigned) (u / 1000), (unsigned) (u % 1000 / 100));
         else
-                (void) snprintf(buf, n, "%.1fs", (double) u / USEC_PER_SEC);
+                (void) snprintf(buf, n, "%" PRIu64 ".%01us", u / USEC_PER_SEC, (unsigned) (u % USEC_PER_SEC / 100000));
 }
 
 void log_request(const RequestLogEntry *e, int level) {

@@ -233,6 +233,11 @@ static int manager_on_sighup(sd_event_source *s, const struct signalfd_siginfo *
         return 0;
 }
 
+static int manager_on_post(sd_event_source *s, void *userdata) {
+        log_flush();
+        return 0;
+}
+
 static void raise_fd_limit(void) {
         struct rlimit rl;
 
@@ -290,6 +295,7 @@ Manager *manager_free(Manager *m) {
                 g_hash_table_unref(m->health); /* probes are transfers: before curl goes */
         curl_glue_free(m->curl);
         sd_event_source_disable_unref(m->shutdown_timer);
+        sd_event_source_disable_unref(m->hup_sweep);
         router_free(m->router);
         config_free(m->config);
         stats_free(m->stats);
@@ -312,6 +318,13 @@ int manager_start(Manager *m) {
                 r = sd_event_add_signal(m->event, NULL, SIGHUP, manager_on_sighup, m);
         if (r < 0)
                 return log_error_errno(r, "Failed to watch signals: %m");
+
+        if (log_get_target() == LOG_TARGET_STDERR) {
+                r = sd_event_add_post(m->event, NULL, manager_on_post, m);
+                if (r < 0)
+                        return log_error_errno(r, "Failed to set up log flushing: %m");
+                log_buffer_requests(true);
+        }
 
         /* Feeds the watchdog from the loop itself, so a stuck loop is noticed. */
         r = sd_event_set_watchdog(m->event, true);

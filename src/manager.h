@@ -50,6 +50,7 @@ typedef struct Manager {
         bool stopping;
         sd_event_source *shutdown_timer;
         sd_event_source *watchdog_timer;
+        sd_event_source *hup_sweep;  /* owned by request.c */
         usec_t started_usec;         /* CLOCK_MONOTONIC */
 } Manager;
 

@@ -390,12 +390,62 @@ static void request_on_client_hangup_setup(Request *r) {
         (void) sd_event_source_set_description(r->hup, "client-hup");
 }
 
+/* Watching every parked connection for a hang-up costs two epoll_ctl() calls per request, for
+ * requests that mostly finish within milliseconds. So only those still parked after
+ * HUP_WATCH_DELAY get a watcher: a sweep, armed while anything is parked, attaches them. */
+#define HUP_WATCH_DELAY (250 * USEC_PER_MSEC)
+
+static int request_on_hup_sweep(sd_event_source *s, uint64_t usec, void *userdata) {
+        Manager *m = userdata;
+        bool pending = false;
+
+        for (GList *l = m->requests; l; l = l->next) {
+                Request *r = l->data;
+                if (!r->suspended || r->hup)
+                        continue;
+                if (usec >= r->parked_at + HUP_WATCH_DELAY)
+                        request_on_client_hangup_setup(r);
+                else
+                        pending = true;
+        }
+        if (pending) {
+                (void) sd_event_source_set_time(s, usec + HUP_WATCH_DELAY);
+                (void) sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+        }
+        return 0;
+}
+
+static void request_arm_hup_sweep(Request *r) {
+        Manager *m = r->manager;
+        int enabled = SD_EVENT_OFF, k;
+
+        if (m->hup_sweep) {
+                (void) sd_event_source_get_enabled(m->hup_sweep, &enabled);
+                if (enabled != SD_EVENT_OFF)
+                        return;
+                (void) sd_event_source_set_time(m->hup_sweep, r->parked_at + HUP_WATCH_DELAY);
+                (void) sd_event_source_set_enabled(m->hup_sweep, SD_EVENT_ONESHOT);
+                return;
+        }
+        k = sd_event_add_time(m->event, &m->hup_sweep, CLOCK_MONOTONIC, r->parked_at + HUP_WATCH_DELAY,
+                              50 * USEC_PER_MSEC, request_on_hup_sweep, m);
+        if (k < 0) {
+                /* Without the sweep, watch this one right away. */
+                request_on_client_hangup_setup(r);
+                return;
+        }
+        (void) sd_event_source_set_description(m->hup_sweep, "client-hup-sweep");
+}
+
 void request_suspend(Request *r) {
         if (r->suspended)
                 return;
-        request_on_client_hangup_setup(r);
         r->suspended = true;
         MHD_suspend_connection(r->connection);
+        if (!r->hup) {
+                r->parked_at = now_usec(CLOCK_MONOTONIC);
+                request_arm_hup_sweep(r);
+        }
 }
 
 static void request_body_append(Request *r, const char *data, size_t size) {

@@ -67,6 +67,7 @@ struct Request {
         bool suspended;
         bool client_gone;
         sd_event_source *hup;
+        usec_t parked_at;              /* CLOCK_MONOTONIC, when last suspended without a watcher */
 
         /* relaying */
         Upstream *upstream;
