@@ -19,6 +19,23 @@ char *state_file_path(void) {
         return g_build_filename(STATE_DIR, STATE_FILE_NAME, NULL);
 }
 
+/* A model name is a key in the file, and GKeyFile keys cannot hold '=', '[' or ']', nor begin
+ * with '#' (a comment) or begin or end with a space: those characters are written as %XX, and
+ * so is '%' itself. */
+static char *state_key_escape(const char *model) {
+        size_t n = strlen(model);
+        GString *s = g_string_sized_new(n);
+
+        for (size_t i = 0; i < n; i++) {
+                char c = model[i];
+                if (strchr("%=[]", c) || (i == 0 && c == '#') || (c == ' ' && (i == 0 || i == n - 1)))
+                        g_string_append_printf(s, "%%%02X", (unsigned char) c);
+                else
+                        g_string_append_c(s, c);
+        }
+        return g_string_free(s, FALSE);
+}
+
 int state_save(Manager *m) {
         g_autoptr(Router) base = router_new(m->config);
         g_autoptr(GKeyFile) kf = g_key_file_new();
@@ -37,14 +54,16 @@ int state_save(Manager *m) {
                 const char *p = g_hash_table_lookup(cur->mappings, model);
                 const char *q = g_hash_table_lookup(base->mappings, model);
                 if (!q || !streq(p, q)) {
-                        g_key_file_set_string(kf, "SetModelMappings", model, p);
+                        g_autofree char *key = state_key_escape(model);
+                        g_key_file_set_string(kf, "SetModelMappings", key, p);
                         any = true;
                 }
         }
         for (guint i = 0; i < base->mapping_order->len; i++) {
                 const char *model = base->mapping_order->pdata[i];
                 if (!g_hash_table_contains(cur->mappings, model)) {
-                        g_key_file_set_string(kf, "RemovedModelMappings", model, "");
+                        g_autofree char *key = state_key_escape(model);
+                        g_key_file_set_string(kf, "RemovedModelMappings", key, "");
                         any = true;
                 }
         }
@@ -91,16 +110,19 @@ int state_load(Manager *m) {
         keys = g_key_file_get_keys(kf, "SetModelMappings", NULL, NULL);
         for (char **k = keys; k && *k; k++) {
                 g_autofree char *p = g_key_file_get_string(kf, "SetModelMappings", *k, NULL);
-                if (p && router_set_mapping(m->router, *k, p) >= 0)
+                g_autofree char *model = g_uri_unescape_string(*k, NULL);
+                if (p && model && router_set_mapping(m->router, model, p) >= 0)
                         applied++;
                 else
                         log_warning("%s: saved mapping '%s' -> '%s' is not valid now, ignoring", path, *k, strna(p));
         }
         g_strfreev(keys);
         keys = g_key_file_get_keys(kf, "RemovedModelMappings", NULL, NULL);
-        for (char **k = keys; k && *k; k++)
-                if (router_remove_mapping(m->router, *k) >= 0)
+        for (char **k = keys; k && *k; k++) {
+                g_autofree char *model = g_uri_unescape_string(*k, NULL);
+                if (model && router_remove_mapping(m->router, model) >= 0)
                         applied++;
+        }
 
         if (applied > 0)
                 log_info("Restored %u routing change(s) made at runtime from %s; 'provider-routerctl reload' "
