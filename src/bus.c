@@ -16,7 +16,7 @@
 #define BUS_ERROR_INVALID_MODEL "org.providerrouter.Router1.Error.InvalidModel"
 #define BUS_ERROR_CONFIG_INVALID "org.providerrouter.Router1.Error.ConfigInvalid"
 
-typedef int (*AuthorizedFunc)(sd_bus_message *message, Manager *m, sd_bus_error *error);
+typedef int (*AuthorizedFunc)(sd_bus_message *message, Manager *m, bool apply, sd_bus_error *error);
 
 /* A method call waiting for polkit's answer. */
 typedef struct PendingAuth {
@@ -81,7 +81,7 @@ static int polkit_reply(sd_bus_message *reply, void *userdata, sd_bus_error *ret
 
         if (authorized) {
                 (void) sd_bus_message_rewind(p->message, true);
-                r = p->func(p->message, m, &error);
+                r = p->func(p->message, m, true, &error);
         } else if (challenge)
                 r = sd_bus_error_setf(&error, SD_BUS_ERROR_INTERACTIVE_AUTHORIZATION_REQUIRED,
                                       "Interactive authentication is required to change routing.");
@@ -106,6 +106,11 @@ static int verify_and_run(sd_bus_message *message, Manager *m, AuthorizedFunc fu
         uid_t uid;
         int r;
 
+        /* Bad arguments are refused before anything else. */
+        r = func(message, m, false, error);
+        if (r < 0)
+                return r;
+
         /* dbus-daemon vouches for the sender's uid; the effective one needs /proc, which a
          * sandboxed service may not see, so the uid it is. */
         r = sd_bus_query_sender_creds(message, SD_BUS_CREDS_UID | SD_BUS_CREDS_EUID | SD_BUS_CREDS_AUGMENT, &creds);
@@ -122,7 +127,7 @@ static int verify_and_run(sd_bus_message *message, Manager *m, AuthorizedFunc fu
                 r = sd_bus_message_rewind(message, true);
                 if (r < 0)
                         return r;
-                r = func(message, m, error);
+                r = func(message, m, true, error);
                 if (r < 0)
                         return r;
                 return sd_bus_reply_method_return(message, NULL);
@@ -166,21 +171,11 @@ static int check_model(const char *model, sd_bus_error *error) {
         return 0;
 }
 
-static int run_set_default_provider(sd_bus_message *message, Manager *m, sd_bus_error *error) {
-        const char *name;
-        int r;
+/* Each changing method is one function: with apply=false it only reads and validates its
+ * arguments (so a bad call is refused before anyone is asked for a password), with apply=true
+ * it makes the change. */
 
-        r = sd_bus_message_read(message, "s", &name);
-        if (r < 0)
-                return r;
-        r = manager_set_default_provider(m, name);
-        if (r == -ENOENT)
-                return no_such_provider(m, name, error);
-        return r < 0 ? r : 0;
-}
-
-static int method_set_default_provider(sd_bus_message *message, void *userdata, sd_bus_error *error) {
-        Manager *m = userdata;
+static int do_set_default_provider(sd_bus_message *message, Manager *m, bool apply, sd_bus_error *error) {
         const char *name;
         int r;
 
@@ -189,26 +184,13 @@ static int method_set_default_provider(sd_bus_message *message, void *userdata, 
                 return r;
         if (!router_find(m->router, name))
                 return no_such_provider(m, name, error);
-        return verify_and_run(message, m, run_set_default_provider, error);
-}
-
-static int run_set_model_mapping(sd_bus_message *message, Manager *m, sd_bus_error *error) {
-        const char *model, *provider;
-        int r;
-
-        r = sd_bus_message_read(message, "ss", &model, &provider);
-        if (r < 0)
-                return r;
-        r = manager_set_model_mapping(m, model, provider);
-        if (r == -ENOENT)
-                return no_such_provider(m, provider, error);
-        if (r == -EINVAL)
-                return check_model(model, error);
+        if (!apply)
+                return 0;
+        r = manager_set_default_provider(m, name);
         return r < 0 ? r : 0;
 }
 
-static int method_set_model_mapping(sd_bus_message *message, void *userdata, sd_bus_error *error) {
-        Manager *m = userdata;
+static int do_set_model_mapping(sd_bus_message *message, Manager *m, bool apply, sd_bus_error *error) {
         const char *model, *provider;
         int r;
 
@@ -220,24 +202,13 @@ static int method_set_model_mapping(sd_bus_message *message, void *userdata, sd_
                 return r;
         if (!router_find(m->router, provider))
                 return no_such_provider(m, provider, error);
-        return verify_and_run(message, m, run_set_model_mapping, error);
-}
-
-static int run_remove_model_mapping(sd_bus_message *message, Manager *m, sd_bus_error *error) {
-        const char *model;
-        int r;
-
-        r = sd_bus_message_read(message, "s", &model);
-        if (r < 0)
-                return r;
-        r = manager_remove_model_mapping(m, model);
-        if (r == -ENOENT)
-                return sd_bus_error_setf(error, BUS_ERROR_NO_SUCH_MAPPING, "Model '%s' has no mapping.", model);
+        if (!apply)
+                return 0;
+        r = manager_set_model_mapping(m, model, provider);
         return r < 0 ? r : 0;
 }
 
-static int method_remove_model_mapping(sd_bus_message *message, void *userdata, sd_bus_error *error) {
-        Manager *m = userdata;
+static int do_remove_model_mapping(sd_bus_message *message, Manager *m, bool apply, sd_bus_error *error) {
         const char *model;
         int r;
 
@@ -249,13 +220,18 @@ static int method_remove_model_mapping(sd_bus_message *message, void *userdata, 
                 return r;
         if (!g_hash_table_contains(m->router->mappings, model))
                 return sd_bus_error_setf(error, BUS_ERROR_NO_SUCH_MAPPING, "Model '%s' has no mapping.", model);
-        return verify_and_run(message, m, run_remove_model_mapping, error);
+        if (!apply)
+                return 0;
+        r = manager_remove_model_mapping(m, model);
+        return r < 0 ? r : 0;
 }
 
-static int run_reload(sd_bus_message *message, Manager *m, sd_bus_error *error) {
+static int do_reload(sd_bus_message *message, Manager *m, bool apply, sd_bus_error *error) {
         g_autofree char *why = NULL;
         int r;
 
+        if (!apply)
+                return 0;
         r = manager_reload(m, &why);
         if (r < 0)
                 return sd_bus_error_setf(error, BUS_ERROR_CONFIG_INVALID,
@@ -263,8 +239,20 @@ static int run_reload(sd_bus_message *message, Manager *m, sd_bus_error *error) 
         return 0;
 }
 
+static int method_set_default_provider(sd_bus_message *message, void *userdata, sd_bus_error *error) {
+        return verify_and_run(message, userdata, do_set_default_provider, error);
+}
+
+static int method_set_model_mapping(sd_bus_message *message, void *userdata, sd_bus_error *error) {
+        return verify_and_run(message, userdata, do_set_model_mapping, error);
+}
+
+static int method_remove_model_mapping(sd_bus_message *message, void *userdata, sd_bus_error *error) {
+        return verify_and_run(message, userdata, do_remove_model_mapping, error);
+}
+
 static int method_reload(sd_bus_message *message, void *userdata, sd_bus_error *error) {
-        return verify_and_run(message, userdata, run_reload, error);
+        return verify_and_run(message, userdata, do_reload, error);
 }
 
 static int append_stats_entry(sd_bus_message *reply, const char *name, const ProviderStats *s, const char *state,
