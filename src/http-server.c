@@ -22,11 +22,26 @@ typedef struct Listener {
         char *address;
 } Listener;
 
+/* A client connection, from accept to close. MHD's own timeout counts only silence, so a client
+ * that trickles a byte now and then (slowloris) would hold its connection for ever: each request
+ * must arrive whole, headers and body, within the connection timeout. */
+typedef struct Connection {
+        GList *link;            /* in HttpServer.connections */
+        int fd;
+        usec_t receiving_since; /* USEC_INFINITY while its request is being answered */
+} Connection;
+
 struct HttpServer {
         sd_event *event;
         GPtrArray *listeners;
         sd_event_source *timer;
         sd_event_source *wake;
+        sd_event_source *sweep;
+        GList *connections;     /* Connection* */
+        usec_t request_timeout;
+        MHD_AccessHandlerCallback handler;
+        MHD_RequestCompletedCallback completed;
+        void *userdata;
         unsigned n_connections;
         bool socket_activated;
         bool quiesced;
@@ -93,11 +108,77 @@ static void mhd_logger(void *cls, const char *fmt, va_list ap) {
 static void mhd_notify_connection(void *cls, struct MHD_Connection *connection, void **socket_context,
                                   enum MHD_ConnectionNotificationCode toe) {
         HttpServer *s = cls;
+        Connection *c = *socket_context;
 
-        if (toe == MHD_CONNECTION_NOTIFY_STARTED)
+        if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+                const union MHD_ConnectionInfo *ci = MHD_get_connection_info(connection, MHD_CONNECTION_INFO_CONNECTION_FD);
+
                 s->n_connections++;
-        else if (s->n_connections > 0)
+                c = g_new0(Connection, 1);
+                c->fd = ci ? ci->connect_fd : -1;
+                c->receiving_since = now_usec(CLOCK_MONOTONIC);
+                s->connections = g_list_prepend(s->connections, c);
+                c->link = s->connections;
+                *socket_context = c;
+                (void) sd_event_source_set_enabled(s->sweep, SD_EVENT_ON);
+                return;
+        }
+        if (s->n_connections > 0)
                 s->n_connections--;
+        if (c) {
+                s->connections = g_list_delete_link(s->connections, c->link);
+                g_free(c);
+                *socket_context = NULL;
+        }
+}
+
+static void connection_set_receiving(struct MHD_Connection *connection, bool receiving) {
+        const union MHD_ConnectionInfo *ci = MHD_get_connection_info(connection, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+        Connection *c = ci ? ci->socket_context : NULL;
+
+        if (c)
+                c->receiving_since = receiving ? now_usec(CLOCK_MONOTONIC) : USEC_INFINITY;
+}
+
+static enum MHD_Result http_server_on_request(void *cls, struct MHD_Connection *connection, const char *url,
+                                              const char *method, const char *version, const char *upload_data,
+                                              size_t *upload_data_size, void **con_cls) {
+        HttpServer *s = cls;
+
+        /* Called again with no data once the whole request is in: from here on it is ours to
+         * answer, however long that takes. */
+        if (*con_cls && *upload_data_size == 0)
+                connection_set_receiving(connection, false);
+        return s->handler(s->userdata, connection, url, method, version, upload_data, upload_data_size, con_cls);
+}
+
+static void http_server_on_completed(void *cls, struct MHD_Connection *connection, void **con_cls,
+                                     enum MHD_RequestTerminationCode toe) {
+        HttpServer *s = cls;
+
+        /* Kept alive: the next request's time starts now. */
+        connection_set_receiving(connection, true);
+        s->completed(s->userdata, connection, con_cls, toe);
+}
+
+static int http_server_on_sweep(sd_event_source *source, uint64_t usec, void *userdata) {
+        HttpServer *s = userdata;
+        usec_t now = now_usec(CLOCK_MONOTONIC);
+
+        for (GList *i = s->connections; i; i = i->next) {
+                Connection *c = i->data;
+
+                if (c->fd < 0 || c->receiving_since == USEC_INFINITY || now - c->receiving_since < s->request_timeout)
+                        continue;
+                /* MHD sees the connection end and cleans up as if the client had hung up. */
+                log_debug("Client connection sent no complete request within %.0f s, closing it.",
+                          (double) s->request_timeout / USEC_PER_SEC);
+                (void) shutdown(c->fd, SHUT_RDWR);
+                c->receiving_since = USEC_INFINITY;
+        }
+        (void) sd_event_source_set_time_relative(source, USEC_PER_SEC);
+        (void) sd_event_source_set_enabled(source, s->connections ? SD_EVENT_ON : SD_EVENT_OFF);
+        return 0;
 }
 
 static void listener_free(Listener *l) {
@@ -139,13 +220,13 @@ static int listener_start(HttpServer *s, const HttpServerSettings *st, int fd, b
         l->address = socket_address(fd);
 
         l->daemon = MHD_start_daemon(MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG,
-                                     0, NULL, NULL, st->handler, st->userdata,
+                                     0, NULL, NULL, http_server_on_request, s,
                                      MHD_OPTION_EXTERNAL_LOGGER, mhd_logger, NULL,
                                      MHD_OPTION_LISTEN_SOCKET, fd,
                                      MHD_OPTION_CONNECTION_LIMIT, st->max_connections,
                                      MHD_OPTION_CONNECTION_TIMEOUT, st->connection_timeout_sec,
                                      MHD_OPTION_CONNECTION_MEMORY_LIMIT, st->connection_memory_limit,
-                                     MHD_OPTION_NOTIFY_COMPLETED, st->completed, st->userdata,
+                                     MHD_OPTION_NOTIFY_COMPLETED, http_server_on_completed, s,
                                      MHD_OPTION_NOTIFY_CONNECTION, mhd_notify_connection, s,
                                      MHD_OPTION_END);
         if (!l->daemon) {
@@ -221,6 +302,10 @@ int http_server_new(sd_event *event, const HttpServerSettings *st, HttpServer **
 
         s->event = sd_event_ref(event);
         s->listeners = g_ptr_array_new_with_free_func((GDestroyNotify) listener_free);
+        s->handler = st->handler;
+        s->completed = st->completed;
+        s->userdata = st->userdata;
+        s->request_timeout = (usec_t) MAX(st->connection_timeout_sec, 1u) * USEC_PER_SEC;
 
         r = sd_event_add_time(event, &s->timer, CLOCK_MONOTONIC, USEC_INFINITY, 1, http_server_on_timer, s);
         if (r < 0)
@@ -233,6 +318,13 @@ int http_server_new(sd_event *event, const HttpServerSettings *st, HttpServer **
                 return r;
         (void) sd_event_source_set_enabled(s->wake, SD_EVENT_OFF);
         (void) sd_event_source_set_description(s->wake, "http-wake");
+
+        r = sd_event_add_time_relative(event, &s->sweep, CLOCK_MONOTONIC, USEC_PER_SEC, 100 * USEC_PER_MSEC,
+                                       http_server_on_sweep, s);
+        if (r < 0)
+                return r;
+        (void) sd_event_source_set_enabled(s->sweep, SD_EVENT_OFF);
+        (void) sd_event_source_set_description(s->sweep, "http-request-timeout");
 
         n = sd_listen_fds(true);
         if (n < 0)
@@ -279,8 +371,11 @@ HttpServer *http_server_free(HttpServer *s) {
                 return NULL;
         if (s->listeners)
                 g_ptr_array_unref(s->listeners);
+        /* Stopping MHD closes every connection; anything left was never reported closed. */
+        g_list_free_full(s->connections, g_free);
         sd_event_source_disable_unref(s->timer);
         sd_event_source_disable_unref(s->wake);
+        sd_event_source_disable_unref(s->sweep);
         sd_event_unref(s->event);
         g_free(s);
         return NULL;
