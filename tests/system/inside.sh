@@ -242,6 +242,19 @@ reload_resets_default() {
 }
 check "systemctl reload returns to the configured default provider (lm-studio)" reload_resets_default
 check "... in the same process" same_pid "$before"
+reload_refuses_bad_config() {
+        local out rc=0
+        cp /etc/provider-router/provider-router.conf /tmp/good.conf
+        printf '\n[Router]\nDefaultProvider=no-such-provider\n' >> /etc/provider-router/provider-router.conf
+        out=$(timeout 60 systemctl reload provider-router.service 2>&1) || rc=$?
+        cp /tmp/good.conf /etc/provider-router/provider-router.conf
+        echo "$out"
+        [ "$rc" -ne 0 ] || return 1
+        wait_for 10 sh -c 'journalctl -u provider-router --no-pager | grep -q "no-such-provider"' || return 1
+        systemctl is-active -q provider-router.service && is_default lm-studio
+}
+check "systemctl reload fails on an invalid configuration, names the error, keeps serving the old one" \
+        reload_refuses_bad_config
 
 # ---- reload and restart under load lose no request -------------------------------------
 workers=4
