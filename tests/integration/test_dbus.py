@@ -33,7 +33,7 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (BUILD_DIR, PROVIDER_ROUTER, SLOW, SOURCE_ROOT, MockProvider, Router,  # noqa: E402
                      RouterTestCase, _base_env, _Process, chat_body, dump_logs, main, router_config,
-                     wait_until)
+                     sanitizer_reports, wait_until)
 
 CTL = os.environ.get("PROVIDER_ROUTERCTL") or os.path.join(BUILD_DIR, "src", "provider-routerctl")
 BUS_POLICY = os.path.join(SOURCE_ROOT, "dbus", "org.providerrouter.Router1.conf")
@@ -441,6 +441,12 @@ class Clients:
                        path="/org/freedesktop/DBus")
         assert r.returncode == 0, r
         return re.match(r"\('(.*)',\)", r.stdout.strip()).group(1)
+
+    def owner_pid(self, name=NAME):
+        r = self.gdbus("GetConnectionUnixProcessID", name, interface="org.freedesktop.DBus",
+                       dest="org.freedesktop.DBus", path="/org/freedesktop/DBus")
+        assert r.returncode == 0, r
+        return int(re.match(r"\(uint32 ([0-9]+),\)", r.stdout.strip()).group(1))
 
     # busctl
     def busctl(self, *args, user=()):
@@ -1358,6 +1364,35 @@ class SystemBusTest(BusTestMixin, RouterTestCase):
         self.assertIn("Configuration reloaded", self.router.log(limit=None))
         self.assert_alive(self.pid)
 
+    def test_reload_with_request_in_flight(self):
+        # A request in flight on a provider that a reload removes finishes on it, and its figures
+        # go nowhere (the sanitizer build checks that nothing is used after being freed).
+        c = self.clients
+        self.write_config(extra={"gamma": {"BaseURL": self.beta.base_url}})
+        self.assertEqual(c.busctl_call("Reload").returncode, 0)
+        done = {}
+
+        def slow():
+            done["r"] = self.router.chat(chat_body("slow", mock={"delay_ms": int(2000 * SLOW)}),
+                                         headers={"X-Provider": "gamma"})
+        t = threading.Thread(target=slow, daemon=True)
+        t.start()
+        self.addCleanup(t.join, 30 * SLOW)
+        self.beta.wait_stat("chat", 1)
+        self.assertEqual(c.stats()["gamma"]["in_flight"][1], 1)
+        self.write_config()
+        self.assertEqual(c.busctl_call("Reload").returncode, 0)
+        self.assertEqual(c.prop("Providers"), ["alpha", "beta", "echo"])
+        self.assertNotIn("gamma", c.stats())
+        t.join(30 * SLOW)
+        self.assertFalse(t.is_alive())
+        self.assertEqual(done["r"].status, 200, done["r"])
+        self.assertEqual(done["r"].header("X-Provider"), "gamma")
+        self.assertEqual(done["r"].json()["choices"][0]["message"]["content"], "beta: slow")
+        wait_until(lambda: c.stats()["*"]["in_flight"][1] == 0, 5 * SLOW, interval=0.05, what="nothing in flight")
+        self.assertNotIn("gamma", c.stats())
+        self.assert_alive(self.pid)
+
     def test_reload_broken_config_keeps_routing(self):
         c = self.clients
         self.assertEqual(c.ctl("set-default", "beta").returncode, 0)
@@ -1625,6 +1660,25 @@ class RestartTest(BusTestMixin, RouterTestCase):
         self.assertNotIn("CRITICAL", second.log(limit=None))
         self.assert_alive(second.pid)
         second.assert_clean_exit()
+
+    def test_second_instance_refused(self):
+        first = self.launch()
+        providers = providers_config(self.alpha, self.beta)
+        other = tempfile.mkdtemp(prefix="provider-router-dbus-second-")
+        self.addCleanup(shutil.rmtree, other, True)
+        second = Router(lambda port: router_config(port, providers),
+                        env={"DBUS_SYSTEM_BUS_ADDRESS": self.bus.address}, args=["--bus=system"],
+                        workdir=other, wait=False)
+        self._procs.append(second)
+        self.addCleanup(second.kill)
+        second.proc.wait(timeout=15 * SLOW)
+        rc = second.stop()
+        self.assertNotEqual(rc, 0, second.log())
+        self.assertIn("Failed to acquire the bus name %s on the system bus" % NAME, second.log())
+        self.assertEqual(sanitizer_reports(second.log()), [])
+        self.assertEqual(self.clients.owner_pid(), first.pid)
+        self.assert_alive(first.pid)
+        first.assert_clean_exit()
 
     def test_saved_entry_for_unconfigured_provider_ignored(self):
         gamma = {"gamma": {"BaseURL": self.beta.base_url}}
