@@ -371,5 +371,10 @@ int manager_run(Manager *m) {
         int r = sd_event_loop(m->event);
         if (r < 0)
                 return log_error_errno(r, "Event loop failed: %m");
-        return r;
+        /* We leave the loop with 0; sd-bus leaves it with EXIT_FAILURE when the bus goes away
+         * (sd_bus_set_exit_on_disconnect()). That is a failure, so that systemd restarts us. */
+        if (r > 0)
+                return log_error_errno(ENOTCONN, "Lost the connection to the %s bus, exiting.",
+                                       bus_mode_to_string(m->options.bus_mode));
+        return 0;
 }
