@@ -1680,6 +1680,18 @@ class RestartTest(BusTestMixin, RouterTestCase):
         self.assert_alive(first.pid)
         first.assert_clean_exit()
 
+    def test_bus_lost_is_a_failure(self):
+        # Without its bus the daemon exits, and with a failure status, so that systemd
+        # (Restart=on-failure) starts it again. It once exited 0, silently.
+        router = self.launch()
+        self.bus.shut_down()
+        router.proc.wait(timeout=15 * SLOW)
+        rc = router.stop()
+        log = router.log(limit=None)
+        self.assertEqual(rc, 1, log)
+        self.assertIn("Lost the connection to the system bus, exiting.", log)
+        self.assertEqual(sanitizer_reports(log), [])
+
     def test_saved_entry_for_unconfigured_provider_ignored(self):
         gamma = {"gamma": {"BaseURL": self.beta.base_url}}
         first = self.launch(extra=gamma)
