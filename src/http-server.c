@@ -43,6 +43,7 @@ struct HttpServer {
         MHD_RequestCompletedCallback completed;
         void *userdata;
         unsigned n_connections;
+        unsigned max_connections;
         bool socket_activated;
         bool quiesced;
 };
@@ -125,6 +126,11 @@ static void mhd_notify_connection(void *cls, struct MHD_Connection *connection, 
         }
         if (s->n_connections > 0)
                 s->n_connections--;
+        /* At its limit MHD takes its listening socket out of its epoll set, and puts it back
+         * only in its next run: make that run happen now, or connections waiting in the
+         * backlog wait for some unrelated event. */
+        if (s->n_connections + 1 >= s->max_connections)
+                http_server_wake(s);
         if (c) {
                 s->connections = g_list_delete_link(s->connections, c->link);
                 g_free(c);
@@ -305,6 +311,7 @@ int http_server_new(sd_event *event, const HttpServerSettings *st, HttpServer **
         s->handler = st->handler;
         s->completed = st->completed;
         s->userdata = st->userdata;
+        s->max_connections = st->max_connections;
         s->request_timeout = (usec_t) MAX(st->connection_timeout_sec, 1u) * USEC_PER_SEC;
 
         r = sd_event_add_time(event, &s->timer, CLOCK_MONOTONIC, USEC_INFINITY, 1, http_server_on_timer, s);
