@@ -859,6 +859,18 @@ class SystemBusTest(BusTestMixin, RouterTestCase):
         # The model is checked before the provider.
         r = self.clients.gdbus("SetModelMapping", "''", "nope")
         self.assert_bus_error(r, ERR + "InvalidModel")
+        # Not UTF-8 at all cannot even be put in a D-Bus message: provider-routerctl says so
+        # (only as "Invalid argument", for now) and exits 1. "\udcff" is the byte 0xff in argv.
+        for args in (("map", "\udcff", "beta"), ("unmap", "a\udcff"), ("set-default", "\udcffbeta")):
+            with self.subTest(ctl=args):
+                r = self.clients.ctl(*args)
+                self.assert_refused_by_ctl(r, "Failed to ")
+        # A model name that looks like an option needs "--", as usual.
+        r = self.clients.ctl("map", "-dash-model", "beta")
+        self.assertEqual(r.returncode, 1, r)
+        self.assertEqual(self.clients.ctl("map", "--", "-dash-model", "beta").returncode, 0)
+        self.assertEqual(self.chat_via(model="-dash-model"), "beta")
+        self.assertEqual(self.clients.ctl("unmap", "--", "-dash-model").returncode, 0)
 
         self.assertEqual(self.routing(), before)
         self.assertEqual(self.chat_via(), "alpha")
@@ -1798,6 +1810,21 @@ class SessionBusTest(BusTestMixin, RouterTestCase):
         self.assertEqual(c.prop("DefaultProvider"), "alpha")
         self.assertIsNone(parse_state(self.state_file))
         self.assert_alive()
+
+    def test_no_session_bus(self):
+        # --bus=session without a session bus: a clear message and status 1, nothing half-started.
+        workdir = tempfile.mkdtemp(prefix="provider-router-dbus-nobus-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        router = Router(lambda port: router_config(port, {"echo": {"Kind": "echo"}}, with_echo=False),
+                        env={"DBUS_SESSION_BUS_ADDRESS": None, "XDG_RUNTIME_DIR": None}, args=["--bus=session"],
+                        workdir=workdir, wait=False)
+        self._procs.append(router)
+        self.addCleanup(router.kill)
+        router.proc.wait(timeout=15 * SLOW)
+        rc = router.stop()
+        self.assertEqual(rc, 1, router.log())
+        self.assertIn("Failed to connect to the session bus: ", router.log())
+        self.assertEqual(sanitizer_reports(router.log()), [])
 
 
 if __name__ == "__main__":
