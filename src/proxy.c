@@ -154,13 +154,17 @@ static size_t proxy_on_data(Upstream *u, const char *data, size_t size, void *us
          * single event larger than the buffer is still taken whole, up to MaxResponseSize. */
         if (r->sse.boundary > 0 && r->buf_size + size > c->stream_buffer_size)
                 return CURL_WRITEFUNC_PAUSE;
-        if (r->buf_size + size > c->max_response_size) {
-                r->response_too_large = true;
-                return 0;
-        }
 
         buf_append(r, data, size);
         sse_scanner_scan(&r->sse, r->buf, r->buf_size, on_sse_event, r);
+
+        /* Only the event still incomplete counts against the limit: what curl hands over at
+         * once (16K at most) may hold many whole events, or end a large one, which may so
+         * exceed the limit by that much. */
+        if (r->buf_size - r->sse.boundary > c->max_response_size) {
+                r->response_too_large = true;
+                return 0;
+        }
 
         /* The answer starts with the first event that carries data; keep-alive comments before
          * it do not commit us to this provider, so a silent one can still be failed over. */
