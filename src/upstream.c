@@ -32,6 +32,7 @@ struct Upstream {
         usec_t total_timeout;
         usec_t idle_timeout;
         UpstreamError timeout_error;  /* set when our timer stopped the transfer */
+        CURLcode resume_error;        /* on_data refused what a resume delivered */
         char error_buf[CURL_ERROR_SIZE];
 };
 
@@ -95,6 +96,12 @@ static int upstream_on_timer(sd_event_source *s, uint64_t usec, void *userdata) 
         usec_t now = now_usec(CLOCK_MONOTONIC), deadline;
         char message[128];
 
+        if (u->resume_error != CURLE_OK) {
+                curl_glue_remove(u->glue, u->easy);
+                upstream_finish(u, u->resume_error == CURLE_WRITE_ERROR ? UPSTREAM_ERROR_ABORTED : UPSTREAM_ERROR_OTHER,
+                                curl_easy_strerror(u->resume_error));
+                return 0;
+        }
         if (u->paused) {
                 /* The client is slow, not the provider: silence while paused is ours. */
                 u->last_activity = now;
@@ -134,7 +141,13 @@ static int upstream_on_timer(sd_event_source *s, uint64_t usec, void *userdata) 
 static void upstream_done(CURL *easy, CURLcode code, void *userdata) {
         Upstream *u = userdata;
         UpstreamError e;
-        const char *message = u->error_buf[0] ? u->error_buf : curl_easy_strerror(code);
+        const char *message;
+
+        /* What a resume delivered was refused and dropped: the transfer did not succeed, even
+         * if it ended before our timer could say so. */
+        if (code == CURLE_OK && u->resume_error != CURLE_OK)
+                code = u->resume_error;
+        message = u->error_buf[0] ? u->error_buf : curl_easy_strerror(code);
 
         switch (code) {
         case CURLE_OK:
@@ -398,10 +411,19 @@ void upstream_pause(Upstream *u) {
 }
 
 void upstream_resume(Upstream *u) {
+        CURLcode code;
+
         if (!u->paused || !u->running)
                 return;
         u->paused = false;
         u->last_activity = now_usec(CLOCK_MONOTONIC);
-        /* May deliver held-back data to on_data right away. */
-        (void) curl_easy_pause(u->easy, CURLPAUSE_CONT);
+        /* May deliver held-back data to on_data right away. When on_data refuses it, curl drops
+         * it and returns the error but keeps the transfer going, as if nothing had been lost:
+         * end the transfer from the loop instead (our caller may still be using it). */
+        code = curl_easy_pause(u->easy, CURLPAUSE_CONT);
+        if (code != CURLE_OK && u->running && u->resume_error == CURLE_OK) {
+                u->resume_error = code;
+                (void) sd_event_source_set_time(u->timer, 0);
+                (void) sd_event_source_set_enabled(u->timer, SD_EVENT_ONESHOT);
+        }
 }
