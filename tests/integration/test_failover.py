@@ -40,6 +40,8 @@ class ScriptedProvider:
       hang                   never answer; wait for the client to give up
       comments interval      SSE headers, then ': keep-alive' comments only, never data
       events n then          SSE headers, n data events, then 'reset' (RST), 'hang' or 'end'
+      burst sizes tail       SSE headers, one event per size (content of that many bytes) and
+                             [DONE] (or else the bytes tail, and the end), all in one write
       partial                headers with Content-Length 1000, 10 body bytes, then hang
       garbage_http           bytes that are not HTTP at all
       garbage_body           200 application/json whose body is not JSON
@@ -192,11 +194,11 @@ class ScriptedProvider:
                                               "message": {"role": "assistant", "content": "%s: ok" % self.name}}],
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
 
-    def event(self, i):
+    def event(self, i, content=None):
         return ("data: " + json.dumps({
             "id": "chatcmpl-scripted", "object": "chat.completion.chunk", "created": 1700000000,
-            "model": "scripted", "choices": [{"index": 0, "delta": {"content": "%s-%d " % (self.name, i)},
-                                              "finish_reason": None}]}) + "\n\n").encode()
+            "model": "scripted", "choices": [{"index": 0, "finish_reason": None, "delta": {
+                "content": "%s-%d " % (self.name, i) if content is None else content}}]}) + "\n\n").encode()
 
     def _act(self, conn, step, stream):
         kind, kw = step
@@ -256,6 +258,10 @@ class ScriptedProvider:
                         self.aborted += 1
             elif then == "end":
                 conn.sendall(b"data: [DONE]\n\n")
+        elif kind == "burst":
+            conn.sendall(self._head(200, "text/event-stream") +
+                         b"".join(self.event(i, "%d:" % i + "x" * n) for i, n in enumerate(kw["sizes"])) +
+                         kw.get("tail", b"data: [DONE]\n\n"))
         elif kind == "partial":
             conn.sendall(self._head(200, "application/json", length=1000) + b'{"id":"cha')
             if self._wait_peer_gone(conn, SCRIPT_MAX_SEC):
