@@ -15,6 +15,7 @@ Needs root (skipped otherwise), dbus-daemon, busctl, gdbus and setpriv; the tran
 also needs meson and unshare."""
 
 import configparser
+import functools
 import http.client
 import json
 import os
@@ -63,6 +64,7 @@ NEEDS_ROOT = unittest.skipUnless(os.geteuid() == 0,
                                  "the daemon must run as root to own the name on a system-type bus")
 
 
+@functools.lru_cache(maxsize=None)
 def _daemon_version():
     p = subprocess.run([PROVIDER_ROUTER, "--version"], capture_output=True, timeout=10 * SLOW,
                        env=_base_env(), stdin=subprocess.DEVNULL)
