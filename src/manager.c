@@ -336,9 +336,7 @@ int manager_start(Manager *m) {
                 return log_error_errno(r, "Failed to set up libcurl: %m");
 
         /* Runtime routing changes outlive restarts until a reload. */
-        r = state_load(m);
-        if (r < 0)
-                log_warning_errno(r, "Failed to load the saved routing state, using the configuration: %m");
+        (void) state_load(m); /* logs why it could not */
 
         HttpServerSettings hs = {
                 .host = m->config->host,

@@ -95,7 +95,8 @@ int state_load(Manager *m) {
         if (!g_key_file_load_from_file(kf, path, G_KEY_FILE_NONE, &error)) {
                 if (g_error_matches(error, G_FILE_ERROR, G_FILE_ERROR_NOENT))
                         return 0;
-                return log_debug_errno(EINVAL, "Failed to read %s: %s", path, error->message);
+                return log_warning_errno(EINVAL, "Failed to read the saved routing state %s, using the configuration: %s",
+                                         path, error->message);
         }
 
         /* Entries naming providers that are no longer configured are dropped with a warning:

@@ -1624,8 +1624,9 @@ class RestartTest(BusTestMixin, RouterTestCase):
                 self.assertEqual(self.clients.prop("ModelMappings"), {"file-model": "beta"})
                 self.assertEqual(self.chat_via(), "alpha")
                 if content:
-                    self.assertIn("Failed to load the saved routing state, using the configuration",
-                                  router.log(limit=None))
+                    log = router.log(limit=None)
+                    self.assertIn("Failed to read the saved routing state %s, using the configuration"
+                                  % self.state_file, log)
                 # The next change replaces the file with a good one.
                 self.assertEqual(self.clients.ctl("set-default", "beta").returncode, 0)
                 self.assertEqual(parse_state(self.state_file), {"Routing": {"DefaultProvider": "beta"}})
