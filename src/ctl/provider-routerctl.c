@@ -658,6 +658,14 @@ int main(int argc, char *argv[]) {
                 return EXIT_FAILURE;
         }
 
+        /* D-Bus strings are UTF-8; say so rather than let the call fail with EINVAL. */
+        for (int i = optind + 1; i < argc; i++)
+                if (!g_utf8_validate(argv[i], -1, NULL)) {
+                        g_autofree char *escaped = g_strescape(argv[i], NULL);
+                        fprintf(stderr, _("Argument '%s' is not valid UTF-8.\n"), escaped);
+                        return EXIT_FAILURE;
+                }
+
         r = bus_connect(&bus);
         if (r < 0)
                 return EXIT_FAILURE;
