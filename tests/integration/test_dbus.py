@@ -861,12 +861,13 @@ class SystemBusTest(BusTestMixin, RouterTestCase):
         # The model is checked before the provider.
         r = self.clients.gdbus("SetModelMapping", "''", "nope")
         self.assert_bus_error(r, ERR + "InvalidModel")
-        # Not UTF-8 at all cannot even be put in a D-Bus message: provider-routerctl says so
-        # (only as "Invalid argument", for now) and exits 1. "\udcff" is the byte 0xff in argv.
+        # Not UTF-8 at all cannot even be put in a D-Bus message: provider-routerctl says so,
+        # naming the argument, and exits 1. "\udcff" is the byte 0xff in argv.
         for args in (("map", "\udcff", "beta"), ("unmap", "a\udcff"), ("set-default", "\udcffbeta")):
             with self.subTest(ctl=args):
                 r = self.clients.ctl(*args)
-                self.assert_refused_by_ctl(r, "Failed to ")
+                self.assert_refused_by_ctl(r, "is not valid UTF-8")
+                self.assertIn("\\377", r.stderr)
         # A model name that looks like an option needs "--", as usual.
         r = self.clients.ctl("map", "-dash-model", "beta")
         self.assertEqual(r.returncode, 1, r)
