@@ -68,21 +68,22 @@ static void add_model(JsonBuilder *b, GHashTable *seen, const char *id, const ch
         json_builder_end_object(b);
 }
 
-static void add_listed_models(JsonBuilder *b, GHashTable *seen, ModelsFetch *f) {
+int models_parse_list(const char *body, size_t size, char ***ret_ids) {
         g_autoptr(JsonParser) parser = json_parser_new_immutable();
+        g_autoptr(GPtrArray) ids = NULL;
         JsonNode *root, *data;
+        JsonArray *a;
 
-        if (!f->ok || !f->body)
-                return;
-        if (!json_parser_load_from_data(parser, (const char *) f->body->data, (gssize) f->body->len, NULL))
-                return;
+        if (!json_parser_load_from_data(parser, body, (gssize) size, NULL))
+                return -EINVAL;
         root = json_parser_get_root(parser);
         if (!root || !JSON_NODE_HOLDS_OBJECT(root))
-                return;
+                return -EINVAL;
         data = json_object_get_member(json_node_get_object(root), "data");
         if (!data || !JSON_NODE_HOLDS_ARRAY(data))
-                return;
-        JsonArray *a = json_node_get_array(data);
+                return -EINVAL;
+        a = json_node_get_array(data);
+        ids = g_ptr_array_new_with_free_func(g_free);
         for (guint i = 0; i < json_array_get_length(a); i++) {
                 JsonNode *e = json_array_get_element(a, i);
                 JsonNode *id;
@@ -91,8 +92,22 @@ static void add_listed_models(JsonBuilder *b, GHashTable *seen, ModelsFetch *f) 
                 id = json_object_get_member(json_node_get_object(e), "id");
                 if (id && JSON_NODE_HOLDS_VALUE(id) && json_node_get_value_type(id) == G_TYPE_STRING &&
                     model_name_is_valid(json_node_get_string(id)))
-                        add_model(b, seen, json_node_get_string(id), f->provider->name);
+                        g_ptr_array_add(ids, g_strdup(json_node_get_string(id)));
         }
+        g_ptr_array_add(ids, NULL);
+        *ret_ids = (char **) g_ptr_array_free(g_steal_pointer(&ids), FALSE);
+        return 0;
+}
+
+static void add_listed_models(JsonBuilder *b, GHashTable *seen, ModelsFetch *f) {
+        g_auto(GStrv) ids = NULL;
+
+        if (!f->ok || !f->body)
+                return;
+        if (models_parse_list((const char *) f->body->data, f->body->len, &ids) < 0)
+                return;
+        for (char **id = ids; *id; id++)
+                add_model(b, seen, *id, f->provider->name);
 }
 
 static ModelsFetch *find_fetch(ModelsQuery *q, ProviderConfig *p) {

@@ -1,6 +1,8 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #pragma once
 
+#include <stddef.h>
+
 typedef struct Request Request;
 typedef struct ModelsQuery ModelsQuery;
 
@@ -8,3 +10,7 @@ typedef struct ModelsQuery ModelsQuery;
  * answers with the union, plus configured and mapped model names. */
 void models_dispatch(Request *r);
 ModelsQuery *models_query_free(ModelsQuery *q);
+
+/* The model ids of a provider's GET /models answer (the OpenAI list shape) that are valid model
+ * names, in order, NULL-terminated. Returns 0, or -EINVAL if the answer is not such a list. */
+int models_parse_list(const char *body, size_t size, char ***ret_ids);

@@ -187,56 +187,76 @@ static void upstream_done(CURL *easy, CURLcode code, void *userdata) {
         upstream_finish(u, e, message);
 }
 
-static size_t upstream_header_cb(char *buffer, size_t size, size_t nitems, void *userdata) {
-        Upstream *u = userdata;
-        size_t n = size * nitems, name_len;
+UpstreamHeadLine upstream_parse_head_line(const char *buffer, size_t n, long *ret_status, size_t *ret_name_len,
+                                          const char **ret_value, size_t *ret_value_len) {
         const char *colon, *value, *end;
 
         if (n >= 5 && memcmp(buffer, "HTTP/", 5) == 0) {
-                /* A new status line: an interim 1xx answer may have come before. */
                 long status = 0;
                 const char *sp = memchr(buffer, ' ', n);
                 if (sp)
                         status = strtol(sp + 1, NULL, 10);
-                u->status = status;
-                if (u->response_headers->len > 0)
-                        g_ptr_array_set_size(u->response_headers, 0);
-                g_clear_pointer(&u->content_type, g_free);
-                g_clear_pointer(&u->retry_after, g_free);
-                return n;
+                *ret_status = status;
+                return UPSTREAM_HEAD_STATUS;
         }
 
-        if (n <= 2 && (buffer[0] == '\r' || buffer[0] == '\n')) {
-                if (u->status >= 200 && !u->headers_done) {
-                        u->headers_done = true;
-                        g_ptr_array_add(u->response_headers, NULL);
-                        u->ops->on_response(u, u->userdata);
-                }
-                return n;
-        }
+        if (n <= 2 && (buffer[0] == '\r' || buffer[0] == '\n'))
+                return UPSTREAM_HEAD_END;
 
         colon = memchr(buffer, ':', n);
         if (!colon)
-                return n;
-        name_len = (size_t) (colon - buffer);
+                return UPSTREAM_HEAD_OTHER;
         value = colon + 1;
         end = buffer + n;
         while (value < end && (*value == ' ' || *value == '\t'))
                 value++;
         while (end > value && (end[-1] == '\r' || end[-1] == '\n' || end[-1] == ' '))
                 end--;
+        *ret_name_len = (size_t) (colon - buffer);
+        *ret_value = value;
+        *ret_value_len = (size_t) (end - value);
+        return UPSTREAM_HEAD_FIELD;
+}
+
+static size_t upstream_header_cb(char *buffer, size_t size, size_t nitems, void *userdata) {
+        Upstream *u = userdata;
+        size_t n = size * nitems, name_len, value_len;
+        const char *value;
+        long status;
+
+        switch (upstream_parse_head_line(buffer, n, &status, &name_len, &value, &value_len)) {
+        case UPSTREAM_HEAD_STATUS:
+                /* A new status line: an interim 1xx answer may have come before. */
+                u->status = status;
+                if (u->response_headers->len > 0)
+                        g_ptr_array_set_size(u->response_headers, 0);
+                g_clear_pointer(&u->content_type, g_free);
+                g_clear_pointer(&u->retry_after, g_free);
+                return n;
+        case UPSTREAM_HEAD_END:
+                if (u->status >= 200 && !u->headers_done) {
+                        u->headers_done = true;
+                        g_ptr_array_add(u->response_headers, NULL);
+                        u->ops->on_response(u, u->userdata);
+                }
+                return n;
+        case UPSTREAM_HEAD_OTHER:
+                return n;
+        case UPSTREAM_HEAD_FIELD:
+                break;
+        }
 
         if (name_len == STRLEN("content-type") && g_ascii_strncasecmp(buffer, "content-type", name_len) == 0) {
                 g_free(u->content_type);
-                u->content_type = g_strndup(value, (gsize) (end - value));
+                u->content_type = g_strndup(value, value_len);
         } else if (name_len == STRLEN("retry-after") && g_ascii_strncasecmp(buffer, "retry-after", name_len) == 0) {
                 g_free(u->retry_after);
-                u->retry_after = g_strndup(value, (gsize) (end - value));
+                u->retry_after = g_strndup(value, value_len);
         }
 
         if (header_is_passed(buffer, name_len)) {
                 g_ptr_array_add(u->response_headers, g_strndup(buffer, name_len));
-                g_ptr_array_add(u->response_headers, g_strndup(value, (gsize) (end - value)));
+                g_ptr_array_add(u->response_headers, g_strndup(value, value_len));
         }
         return n;
 }

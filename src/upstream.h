@@ -62,5 +62,18 @@ usec_t upstream_first_byte_usec(Upstream *u); /* CLOCK_MONOTONIC, USEC_INFINITY 
  * ends the first-byte timeout; other transfers begin with their first body byte. */
 void upstream_mark_first_byte(Upstream *u);
 bool upstream_is_paused(Upstream *u);
+
+typedef enum UpstreamHeadLine {
+        UPSTREAM_HEAD_STATUS,   /* "HTTP/1.1 200 OK" */
+        UPSTREAM_HEAD_END,      /* the empty line after the fields */
+        UPSTREAM_HEAD_FIELD,    /* "Name: value" */
+        UPSTREAM_HEAD_OTHER,    /* anything else, ignored */
+} UpstreamHeadLine;
+
+/* One line of a provider's answer head as curl hands it over: line ending included, not
+ * NUL-terminated. A status line gives its status; a field the length of its name (at the start
+ * of buffer) and its value, trimmed. */
+UpstreamHeadLine upstream_parse_head_line(const char *buffer, size_t n, long *ret_status, size_t *ret_name_len,
+                                          const char **ret_value, size_t *ret_value_len);
 void upstream_pause(Upstream *u);
 void upstream_resume(Upstream *u);
