@@ -192,15 +192,20 @@ UpstreamHeadLine upstream_parse_head_line(const char *buffer, size_t n, long *re
         const char *colon, *value, *end;
 
         if (n >= 5 && memcmp(buffer, "HTTP/", 5) == 0) {
+                const char *p = memchr(buffer, ' ', n);
                 long status = 0;
-                const char *sp = memchr(buffer, ' ', n);
-                if (sp)
-                        status = strtol(sp + 1, NULL, 10);
+
+                /* Not strtol(): the line is not NUL-terminated, and digits may run to its end. */
+                if (p)
+                        for (p++; p < buffer + n && *p == ' '; p++)
+                                ;
+                for (; p && p < buffer + n && g_ascii_isdigit(*p) && status < 100000; p++)
+                        status = status * 10 + (*p - '0');
                 *ret_status = status;
                 return UPSTREAM_HEAD_STATUS;
         }
 
-        if (n <= 2 && (buffer[0] == '\r' || buffer[0] == '\n'))
+        if (n > 0 && n <= 2 && (buffer[0] == '\r' || buffer[0] == '\n'))
                 return UPSTREAM_HEAD_END;
 
         colon = memchr(buffer, ':', n);
