@@ -168,18 +168,21 @@ static size_t probe_on_data(Upstream *u, const char *data, size_t size, void *us
 static void probe_on_done(Upstream *u, UpstreamError error, const char *message, void *userdata) {
         ProviderHealth *h = userdata;
         long status = upstream_status(u);
+        g_autofree char *why = NULL;
 
-        h->probe = upstream_free(u);
         /* Any HTTP answer below 500 means the server is there and talking. */
         if (error == UPSTREAM_OK && status >= 100 && status < 500) {
+                h->probe = upstream_free(u);
                 h->consecutive_failures = 0;
                 h->cooldown = 0;
                 log_notice("Provider '%s' answered its probe (HTTP %ld) and is up again.", h->name, status);
                 health_set_state(h, HEALTH_UP);
                 return;
         }
-        g_autofree char *why = error != UPSTREAM_OK ? g_strdup_printf("probe failed: %s", message)
-                                                    : g_strdup_printf("probe answered HTTP %ld", status);
+        /* message may be curl's error buffer, which goes with the transfer. */
+        why = error != UPSTREAM_OK ? g_strdup_printf("probe failed: %s", message)
+                                   : g_strdup_printf("probe answered HTTP %ld", status);
+        h->probe = upstream_free(u);
         health_trip(h, why);
 }
 
