@@ -724,7 +724,7 @@ class ConcurrencyTest(FailoverCase):
         busy = self.start_scripted("busy")
         busy.behave("hang")
         router = self.start_chain({"busy": {"BaseURL": busy.base_url, "MaxConcurrent": "1",
-                                            "FirstByteTimeoutSec": "10"}}, default="busy")
+                                            "FirstByteTimeoutSec": str(int(3 * SLOW))}}, default="busy")
         results = {}
 
         def first():
