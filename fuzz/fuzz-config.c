@@ -3,6 +3,7 @@
  * NAME=value per line), through config_load() and, when valid, the router built from it. */
 #include <assert.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -13,7 +14,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 #define ENV_MARK "\n--ENV--\n"
 
-static char *config_path;
+static char *config_dir, *config_path;
+
+static void cleanup(void) {
+        (void) unlink(config_path);
+        (void) rmdir(config_dir);
+}
 
 static void setup(void) {
         g_autofree char *dir = NULL;
@@ -25,6 +31,8 @@ static void setup(void) {
                 dir = g_build_filename(g_get_tmp_dir(), "fuzz-config-XXXXXX", NULL);
         assert(g_mkdtemp(dir));
         config_path = g_build_filename(dir, "provider-router.conf", NULL);
+        config_dir = g_steal_pointer(&dir);
+        assert(atexit(cleanup) == 0);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
