@@ -17,14 +17,23 @@ trap 'rm -f "$conf"' EXIT
 export PR_DAEMON=$daemon PR_CONF=$conf
 
 timeout 30 dbus-run-session -- sh -eu -c '
-        PORT=${PORT:-$((20000 + $$ % 30000))} "$PR_DAEMON" --bus=session --config="$PR_CONF" 2>/dev/null &
-        pid=$!
-        trap "kill \$pid 2>/dev/null || true" EXIT
-        i=0
-        until busctl --user status org.providerrouter.Router1 >/dev/null 2>&1; do
-                i=$((i + 1))
-                [ $i -lt 100 ] || { echo "daemon did not appear on the bus" >&2; exit 1; }
-                sleep 0.1
+        # Any free loopback port will do; if the one picked is taken (tests run in parallel),
+        # the daemon exits at once and another is tried.
+        attempt=0
+        while :; do
+                attempt=$((attempt + 1))
+                PORT=$((20000 + ($$ * 7 + attempt * 7919) % 30000)) "$PR_DAEMON" --bus=session --config="$PR_CONF" 2>/dev/null &
+                pid=$!
+                trap "kill \$pid 2>/dev/null || true" EXIT
+                i=0
+                until busctl --user status org.providerrouter.Router1 >/dev/null 2>&1; do
+                        kill -0 $pid 2>/dev/null || break
+                        i=$((i + 1))
+                        [ $i -lt 100 ] || { echo "daemon did not appear on the bus" >&2; exit 1; }
+                        sleep 0.1
+                done
+                kill -0 $pid 2>/dev/null && break
+                [ $attempt -lt 10 ] || { echo "daemon did not start" >&2; exit 1; }
         done
         xml=$(busctl --user introspect --xml-interface org.providerrouter.Router1 /org/providerrouter/Router1)
         cat <<HEADER
