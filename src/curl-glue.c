@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #include <sys/epoll.h>
+#include <unistd.h>
 
 #include "curl-glue.h"
 #include "log.h"
@@ -9,10 +10,19 @@
 struct CurlGlue {
         sd_event *event;
         CURLM *multi;
+        /* curl's sockets live in a private epoll set, one sd-event source for all of them:
+         * sd-event dispatches one source per loop iteration and polls again before the next, so
+         * a source per socket costs O(n²) at n busy connections. */
+        int epoll_fd;
+        sd_event_source *epoll_source;
         sd_event_source *timer;
-        GPtrArray *pool;       /* idle easy handles */
+        sd_event_source *defer;   /* curl asked to be called again at once */
+        usec_t deadline;          /* of the armed timer, USEC_INFINITY if none */
+        GPtrArray *pool;          /* idle easy handles */
         unsigned n_running;
 };
+
+#define CURL_TIMER_ACCURACY USEC_PER_MSEC
 
 static void curl_glue_check_finished(CurlGlue *g) {
         CURLMsg *msg;
@@ -36,89 +46,123 @@ static void curl_glue_check_finished(CurlGlue *g) {
         }
 }
 
-static int curl_glue_on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+static int curl_glue_on_epoll(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         CurlGlue *g = userdata;
-        int action = 0, running;
+        struct epoll_event events[64];
+        int running;
 
-        if (revents & (EPOLLIN | EPOLLHUP))
-                action |= CURL_CSELECT_IN;
-        if (revents & EPOLLOUT)
-                action |= CURL_CSELECT_OUT;
-        if (revents & EPOLLERR)
-                action |= CURL_CSELECT_ERR;
+        /* Everything ready now, in one go; bounded so that other sources get their turn. */
+        for (unsigned round = 0; round < 8; round++) {
+                int n = epoll_wait(g->epoll_fd, events, (int) ELEMENTSOF(events), 0);
+                if (n < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        log_debug_errno(errno, "epoll_wait() on curl's sockets failed, ignoring: %m");
+                        break;
+                }
+                for (int i = 0; i < n; i++) {
+                        uint32_t ev = events[i].events;
+                        int action = 0;
 
-        if (curl_multi_socket_action(g->multi, fd, action, &running) != CURLM_OK)
-                log_debug("curl_multi_socket_action() failed for fd %i, ignoring", fd);
-
-        curl_glue_check_finished(g);
+                        if (ev & (EPOLLIN | EPOLLHUP))
+                                action |= CURL_CSELECT_IN;
+                        if (ev & EPOLLOUT)
+                                action |= CURL_CSELECT_OUT;
+                        if (ev & EPOLLERR)
+                                action |= CURL_CSELECT_ERR;
+                        if (curl_multi_socket_action(g->multi, events[i].data.fd, action, &running) != CURLM_OK)
+                                log_debug("curl_multi_socket_action() failed for fd %i, ignoring", events[i].data.fd);
+                }
+                curl_glue_check_finished(g);
+                if (n < (int) ELEMENTSOF(events))
+                        break;
+        }
         return 0;
 }
 
 static int curl_glue_socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp) {
         CurlGlue *g = userp;
-        sd_event_source *io = socketp;
-        uint32_t events = 0;
-        int r;
+        struct epoll_event ev = { .data.fd = s };
 
         if (what == CURL_POLL_REMOVE) {
-                if (io) {
-                        (void) sd_event_source_set_enabled(io, SD_EVENT_OFF);
-                        sd_event_source_unref(io);
+                if (socketp) {
+                        /* The socket may already be closed; then it left the set by itself. */
+                        (void) epoll_ctl(g->epoll_fd, EPOLL_CTL_DEL, s, NULL);
                         (void) curl_multi_assign(g->multi, s, NULL);
                 }
                 return 0;
         }
 
         if (what == CURL_POLL_IN || what == CURL_POLL_INOUT)
-                events |= EPOLLIN;
+                ev.events |= EPOLLIN;
         if (what == CURL_POLL_OUT || what == CURL_POLL_INOUT)
-                events |= EPOLLOUT;
+                ev.events |= EPOLLOUT;
 
-        if (io) {
-                r = sd_event_source_set_io_events(io, events);
-                if (r < 0)
-                        return -1;
-                r = sd_event_source_set_enabled(io, SD_EVENT_ON);
-                if (r < 0)
+        if (socketp) {
+                if (epoll_ctl(g->epoll_fd, EPOLL_CTL_MOD, s, &ev) < 0)
                         return -1;
                 return 0;
         }
-
-        r = sd_event_add_io(g->event, &io, s, events, curl_glue_on_io, g);
-        if (r < 0) {
-                log_debug_errno(r, "Failed to watch curl socket: %m");
+        if (epoll_ctl(g->epoll_fd, EPOLL_CTL_ADD, s, &ev) < 0) {
+                log_debug_errno(errno, "Failed to watch curl socket %i: %m", s);
                 return -1;
         }
-        (void) sd_event_source_set_description(io, "curl-io");
-        if (curl_multi_assign(g->multi, s, io) != CURLM_OK) {
-                sd_event_source_unref(io);
-                return -1;
-        }
+        /* Any non-NULL pointer marks the socket as being in the set. */
+        (void) curl_multi_assign(g->multi, s, g);
         return 0;
 }
 
-static int curl_glue_on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
-        CurlGlue *g = userdata;
+static void curl_glue_run_timeout(CurlGlue *g) {
         int running;
 
         if (curl_multi_socket_action(g->multi, CURL_SOCKET_TIMEOUT, 0, &running) != CURLM_OK)
                 log_debug("curl_multi_socket_action() failed for a timeout, ignoring");
         curl_glue_check_finished(g);
+}
+
+static int curl_glue_on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        CurlGlue *g = userdata;
+
+        g->deadline = USEC_INFINITY;
+        curl_glue_run_timeout(g);
+        return 0;
+}
+
+static int curl_glue_on_defer(sd_event_source *s, void *userdata) {
+        curl_glue_run_timeout(userdata);
         return 0;
 }
 
 static int curl_glue_timer_cb(CURLM *multi, long timeout_ms, void *userp) {
         CurlGlue *g = userp;
-        int r;
+        usec_t deadline;
 
-        if (timeout_ms < 0)
-                return sd_event_source_set_enabled(g->timer, SD_EVENT_OFF) < 0 ? -1 : 0;
+        if (timeout_ms < 0) {
+                g->deadline = USEC_INFINITY;
+                (void) sd_event_source_set_enabled(g->timer, SD_EVENT_OFF);
+                return 0;
+        }
+        if (timeout_ms == 0) {
+                /* "Now": no timer to arm (a timerfd_settime() each time), just run once more. */
+                return sd_event_source_set_enabled(g->defer, SD_EVENT_ONESHOT) < 0 ? -1 : 0;
+        }
 
-        r = sd_event_source_set_time_relative(g->timer, (usec_t) timeout_ms * USEC_PER_MSEC);
-        if (r < 0)
+        deadline = now_usec(CLOCK_MONOTONIC) + (usec_t) timeout_ms * USEC_PER_MSEC;
+        /* curl re-states much the same timeout over and over: leave the timer alone then. */
+        if (g->deadline != USEC_INFINITY && deadline >= g->deadline && deadline - g->deadline < CURL_TIMER_ACCURACY)
+                return 0;
+        g->deadline = deadline;
+        if (sd_event_source_set_time(g->timer, deadline) < 0)
                 return -1;
-        r = sd_event_source_set_enabled(g->timer, SD_EVENT_ONESHOT);
-        return r < 0 ? -1 : 0;
+        return sd_event_source_set_enabled(g->timer, SD_EVENT_ONESHOT) < 0 ? -1 : 0;
+}
+
+static int curl_glue_close_socket(void *clientp, curl_socket_t s) {
+        CurlGlue *g = clientp;
+
+        /* curl may close a socket it never told us to stop watching. */
+        (void) epoll_ctl(g->epoll_fd, EPOLL_CTL_DEL, s, NULL);
+        return close(s);
 }
 
 int curl_glue_new(sd_event *event, CurlGlue **ret) {
@@ -127,15 +171,31 @@ int curl_glue_new(sd_event *event, CurlGlue **ret) {
 
         g->event = sd_event_ref(event);
         g->pool = g_ptr_array_new();
+        g->deadline = USEC_INFINITY;
+        g->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+        if (g->epoll_fd < 0)
+                return negative_errno();
         g->multi = curl_multi_init();
         if (!g->multi)
                 return -ENOMEM;
 
-        r = sd_event_add_time(event, &g->timer, CLOCK_MONOTONIC, USEC_INFINITY, 1, curl_glue_on_timer, g);
+        r = sd_event_add_io(event, &g->epoll_source, g->epoll_fd, EPOLLIN, curl_glue_on_epoll, g);
+        if (r < 0)
+                return r;
+        (void) sd_event_source_set_description(g->epoll_source, "curl-epoll");
+
+        r = sd_event_add_time(event, &g->timer, CLOCK_MONOTONIC, USEC_INFINITY, CURL_TIMER_ACCURACY,
+                              curl_glue_on_timer, g);
         if (r < 0)
                 return r;
         (void) sd_event_source_set_enabled(g->timer, SD_EVENT_OFF);
         (void) sd_event_source_set_description(g->timer, "curl-timer");
+
+        r = sd_event_add_defer(event, &g->defer, curl_glue_on_defer, g);
+        if (r < 0)
+                return r;
+        (void) sd_event_source_set_enabled(g->defer, SD_EVENT_OFF);
+        (void) sd_event_source_set_description(g->defer, "curl-now");
 
         if (curl_multi_setopt(g->multi, CURLMOPT_SOCKETFUNCTION, curl_glue_socket_cb) != CURLM_OK ||
             curl_multi_setopt(g->multi, CURLMOPT_SOCKETDATA, g) != CURLM_OK ||
@@ -143,10 +203,8 @@ int curl_glue_new(sd_event *event, CurlGlue **ret) {
             curl_multi_setopt(g->multi, CURLMOPT_TIMERDATA, g) != CURLM_OK)
                 return -EIO;
 
-        /* Keep plenty of idle connections to providers: reconnecting costs far more than a fd.
-         * HTTP/2 providers multiplex requests on one connection. */
+        /* Keep plenty of idle connections to providers: reconnecting costs far more than a fd. */
         (void) curl_multi_setopt(g->multi, CURLMOPT_MAXCONNECTS, 1024L);
-        (void) curl_multi_setopt(g->multi, CURLMOPT_PIPELINING, (long) CURLPIPE_MULTIPLEX);
 
         *ret = TAKE_PTR(g);
         return 0;
@@ -160,16 +218,25 @@ CurlGlue *curl_glue_free(CurlGlue *g) {
         g_ptr_array_unref(g->pool);
         if (g->multi)
                 curl_multi_cleanup(g->multi);
+        sd_event_source_disable_unref(g->epoll_source);
         sd_event_source_disable_unref(g->timer);
+        sd_event_source_disable_unref(g->defer);
+        if (g->epoll_fd >= 0)
+                close(g->epoll_fd);
         sd_event_unref(g->event);
         g_free(g);
         return NULL;
 }
 
 CURL *curl_glue_acquire(CurlGlue *g) {
-        if (g->pool->len > 0)
-                return g_ptr_array_steal_index_fast(g->pool, g->pool->len - 1);
-        return curl_easy_init();
+        CURL *e;
+
+        e = g->pool->len > 0 ? g_ptr_array_steal_index_fast(g->pool, g->pool->len - 1) : curl_easy_init();
+        if (e) {
+                curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, curl_glue_close_socket);
+                curl_easy_setopt(e, CURLOPT_CLOSESOCKETDATA, g);
+        }
+        return e;
 }
 
 void curl_glue_release(CurlGlue *g, CURL *easy) {

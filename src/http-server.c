@@ -35,6 +35,7 @@ struct HttpServer {
         sd_event *event;
         GPtrArray *listeners;
         sd_event_source *timer;
+        usec_t deadline;        /* of the armed timer, USEC_INFINITY if none */
         sd_event_source *wake;
         sd_event_source *sweep;
         GList *connections;     /* Connection* */
@@ -48,6 +49,8 @@ struct HttpServer {
         bool quiesced;
 };
 
+#define HTTP_TIMER_ACCURACY (100 * USEC_PER_MSEC)
+
 static void http_server_update_timer(HttpServer *s) {
         MHD_UNSIGNED_LONG_LONG t, min = ULLONG_MAX;
 
@@ -57,11 +60,23 @@ static void http_server_update_timer(HttpServer *s) {
                         min = t;
         }
         if (min == ULLONG_MAX) {
+                s->deadline = USEC_INFINITY;
                 (void) sd_event_source_set_enabled(s->timer, SD_EVENT_OFF);
                 return;
         }
-        /* MHD counts in ms, relative to now. */
-        (void) sd_event_source_set_time_relative(s->timer, (usec_t) min * USEC_PER_MSEC);
+        if (min == 0) {
+                /* More to do at once: run again, with no timer to arm. */
+                http_server_wake(s);
+                return;
+        }
+
+        /* Otherwise these are connection timeouts, seconds away and restated after every run:
+         * the timer is moved only when the deadline really changes. */
+        usec_t deadline = now_usec(CLOCK_MONOTONIC) + (usec_t) min * USEC_PER_MSEC;
+        if (s->deadline != USEC_INFINITY && deadline >= s->deadline && deadline - s->deadline < HTTP_TIMER_ACCURACY)
+                return;
+        s->deadline = deadline;
+        (void) sd_event_source_set_time(s->timer, deadline);
         (void) sd_event_source_set_enabled(s->timer, SD_EVENT_ONESHOT);
 }
 
@@ -74,19 +89,25 @@ static int listener_on_io(sd_event_source *source, int fd, uint32_t revents, voi
         return 0;
 }
 
-static int http_server_on_timer(sd_event_source *source, uint64_t usec, void *userdata) {
-        HttpServer *s = userdata;
-
+static void http_server_run(HttpServer *s) {
         for (guint i = 0; i < s->listeners->len; i++) {
                 Listener *l = s->listeners->pdata[i];
                 (void) MHD_run(l->daemon);
         }
         http_server_update_timer(s);
+}
+
+static int http_server_on_timer(sd_event_source *source, uint64_t usec, void *userdata) {
+        HttpServer *s = userdata;
+
+        s->deadline = USEC_INFINITY; /* it was a one-shot */
+        http_server_run(s);
         return 0;
 }
 
 static int http_server_on_wake(sd_event_source *source, void *userdata) {
-        return http_server_on_timer(source, 0, userdata);
+        http_server_run(userdata);
+        return 0;
 }
 
 void http_server_wake(HttpServer *s) {
@@ -314,7 +335,9 @@ int http_server_new(sd_event *event, const HttpServerSettings *st, HttpServer **
         s->max_connections = st->max_connections;
         s->request_timeout = (usec_t) MAX(st->connection_timeout_sec, 1u) * USEC_PER_SEC;
 
-        r = sd_event_add_time(event, &s->timer, CLOCK_MONOTONIC, USEC_INFINITY, 1, http_server_on_timer, s);
+        s->deadline = USEC_INFINITY;
+        r = sd_event_add_time(event, &s->timer, CLOCK_MONOTONIC, USEC_INFINITY, HTTP_TIMER_ACCURACY,
+                              http_server_on_timer, s);
         if (r < 0)
                 return r;
         (void) sd_event_source_set_enabled(s->timer, SD_EVENT_OFF);

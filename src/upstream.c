@@ -73,6 +73,9 @@ static bool header_is_passed(const char *name, size_t n) {
         return true;
 }
 
+/* Deadlines are seconds long: a coarse accuracy lets sd-event wake once for many of them. */
+#define UPSTREAM_TIMER_ACCURACY (50 * USEC_PER_MSEC)
+
 static usec_t upstream_deadline(Upstream *u) {
         if (u->first_byte == USEC_INFINITY) {
                 usec_t d = u->started + u->first_byte_timeout;
@@ -353,7 +356,8 @@ int upstream_start(CurlGlue *glue, sd_event *event, const UpstreamRequest *req, 
         }
         curl_easy_setopt(e, CURLOPT_HTTPHEADER, u->headers);
 
-        r = sd_event_add_time(event, &u->timer, CLOCK_MONOTONIC, upstream_deadline(u), 1, upstream_on_timer, u);
+        r = sd_event_add_time(event, &u->timer, CLOCK_MONOTONIC, upstream_deadline(u), UPSTREAM_TIMER_ACCURACY,
+                              upstream_on_timer, u);
         if (r < 0) {
                 upstream_free(u);
                 return r;
