@@ -3,6 +3,9 @@
 #include <string.h>
 
 #include <glib.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 #include "json-scan.h"
 
@@ -89,19 +92,42 @@ static inline bool word_is_plain(uint64_t w) {
         return (has_quote | has_backslash | has_control | has_high) == 0;
 }
 
+/* Skips plain string bytes (printable ASCII other than '"' and '\\'): sixteen at a time with
+ * SSE2 where the compiler has it (every x86-64), else eight at a time. */
+static inline const char *skip_plain(const char *p, const char *end) {
+#ifdef __SSE2__
+        const __m128i quote = _mm_set1_epi8('"'), backslash = _mm_set1_epi8('\\');
+        const __m128i space = _mm_set1_epi8(0x20), sign = _mm_set1_epi8((char) 0x80);
+
+        while (end - p >= 16) {
+                __m128i v = _mm_loadu_si128((const __m128i *) (const void *) p);
+                /* Signed compare after flipping the sign bit is an unsigned compare: bytes
+                 * below 0x20 are control characters; bytes >= 0x80 show in the movemask. */
+                __m128i special = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, backslash)),
+                                               _mm_cmpgt_epi8(_mm_xor_si128(space, sign), _mm_xor_si128(v, sign)));
+                int mask = _mm_movemask_epi8(special) | _mm_movemask_epi8(v);
+                if (mask != 0)
+                        return p + __builtin_ctz((unsigned) mask);
+                p += 16;
+        }
+#endif
+        while (end - p >= 8) {
+                uint64_t w;
+                memcpy(&w, p, 8);
+                if (!word_is_plain(w))
+                        break;
+                p += 8;
+        }
+        return p;
+}
+
 static int scan_string(Scanner *s, JsonSpan *span) {
         const char *begin = s->p;
         bool escaped = false;
 
         s->p++; /* the opening quote */
         for (;;) {
-                while (s->end - s->p >= 8) {
-                        uint64_t w;
-                        memcpy(&w, s->p, 8);
-                        if (!word_is_plain(w))
-                                break;
-                        s->p += 8;
-                }
+                s->p = skip_plain(s->p, s->end);
                 if (s->p >= s->end)
                         return fail(s, "unterminated string");
 

@@ -46,6 +46,26 @@ START_TEST(test_invalid) {
 }
 END_TEST
 
+/* Every byte value at every position of a long string, so the 16- and 8-byte fast paths and
+ * the byte-by-byte tail all see it. */
+START_TEST(test_every_byte_everywhere) {
+        for (int pos = 0; pos < 40; pos++)
+                for (int c = 1; c < 256; c++) {
+                        char doc[64];
+                        bool ok;
+                        memset(doc, 'a', sizeof(doc));
+                        doc[0] = '"';
+                        doc[1 + pos] = (char) c;
+                        doc[42] = '"';
+                        /* Alone, a byte is fine in a string if it is printable ASCII other than
+                         * the quote and the backslash (bytes >= 0x80 are not UTF-8 alone). */
+                        ok = c >= 0x20 && c < 0x80 && c != '"' && c != '\\';
+                        ck_assert_msg((json_scan(doc, 43, NULL, NULL, NULL) == 0) == ok,
+                                      "byte 0x%02x at %d: expected %s", c, pos, ok ? "valid" : "invalid");
+                }
+}
+END_TEST
+
 START_TEST(test_embedded_nul_refused) {
         static const char doc[] = "{\"a\":\"b\0c\"}";
         ck_assert_int_eq(json_scan(doc, sizeof(doc) - 1, NULL, NULL, NULL), -EINVAL);
@@ -241,6 +261,7 @@ static Suite *json_scan_suite(void) {
         tcase_add_test(tc, test_valid);
         tcase_add_test(tc, test_invalid);
         tcase_add_test(tc, test_embedded_nul_refused);
+        tcase_add_test(tc, test_every_byte_everywhere);
         tcase_add_test(tc, test_depth_limit);
         tcase_add_test(tc, test_members_reported);
         tcase_add_test(tc, test_no_members_for_arrays);
