@@ -126,108 +126,181 @@ int log_internal(int level, int error, const char *file, int line, const char *f
         return -error;
 }
 
-static void format_duration(char *buf, size_t n, usec_t u) {
-        /* Integer arithmetic: this runs for every request. */
+/* A bounded text builder for the request log, which runs for every request: plain appends and
+ * integer formatting, no printf machinery and no allocation. Output past the end is cut. */
+typedef struct Text {
+        char *p;
+        size_t size, len;
+} Text;
+
+static void text_mem(Text *t, const char *s, size_t n) {
+        if (n > t->size - 1 - t->len)
+                n = t->size - 1 - t->len;
+        memcpy(t->p + t->len, s, n);
+        t->len += n;
+        t->p[t->len] = 0;
+}
+
+static void text_str(Text *t, const char *s) {
+        text_mem(t, s, strlen(s));
+}
+
+static void text_u64(Text *t, uint64_t v) {
+        char d[20];
+        size_t n = 0;
+
+        do
+                d[sizeof(d) - 1 - n++] = (char) ('0' + v % 10);
+        while ((v /= 10) > 0);
+        text_mem(t, d + sizeof(d) - n, n);
+}
+
+static void text_frac(Text *t, uint64_t whole, uint64_t frac, unsigned digits, const char *unit) {
+        text_u64(t, whole);
+        text_mem(t, ".", 1);
+        for (unsigned i = digits; i > 0; i--) {
+                uint64_t div = 1;
+                for (unsigned j = 1; j < i; j++)
+                        div *= 10;
+                char c = (char) ('0' + (frac / div) % 10);
+                text_mem(t, &c, 1);
+        }
+        text_str(t, unit);
+}
+
+static void text_duration(Text *t, usec_t u) {
         if (u == USEC_INFINITY)
-                (void) snprintf(buf, n, "-");
+                text_str(t, "-");
         else if (u < 10 * USEC_PER_MSEC)
-                (void) snprintf(buf, n, "%u.%02ums", (unsigned) (u / 1000), (unsigned) (u % 1000 / 10));
+                text_frac(t, u / 1000, u % 1000 / 10, 2, "ms");
         else if (u < 10 * USEC_PER_SEC)
-                (void) snprintf(buf, n, "%u.%01ums", (unsigned) (u / 1000), (unsigned) (u % 1000 / 100));
+                text_frac(t, u / 1000, u % 1000 / 100, 1, "ms");
         else
-                (void) snprintf(buf, n, "%" PRIu64 ".%01us", u / USEC_PER_SEC, (unsigned) (u % USEC_PER_SEC / 100000));
+                text_frac(t, u / USEC_PER_SEC, u % USEC_PER_SEC / 100000, 1, "s");
+}
+
+/* "NAME=value" into the field buffer, and an iovec pointing at it. */
+typedef struct Fields {
+        Text text;
+        struct iovec iov[26];
+        size_t n;
+} Fields;
+
+static void field_begin(Fields *f, const char *name) {
+        f->iov[f->n].iov_base = f->text.p + f->text.len;
+        text_str(&f->text, name);
+        text_mem(&f->text, "=", 1);
+}
+
+static void field_end(Fields *f) {
+        f->iov[f->n].iov_len = (size_t) (f->text.p + f->text.len - (char *) f->iov[f->n].iov_base);
+        f->n++;
+}
+
+static void field_str(Fields *f, const char *name, const char *value) {
+        if (!value)
+                return;
+        field_begin(f, name);
+        text_str(&f->text, value);
+        field_end(f);
+}
+
+static void field_u64(Fields *f, const char *name, uint64_t value) {
+        field_begin(f, name);
+        text_u64(&f->text, value);
+        field_end(f);
 }
 
 void log_request(const RequestLogEntry *e, int level) {
-        char duration[32], ttfb[32], message[1024], tokens[64] = "";
+        char message_buf[1024];
+        /* One byte kept back for the newline of the stderr line. */
+        Text m = { .p = message_buf, .size = sizeof(message_buf) - 1 };
 
         if (max_level < level)
                 return;
 
-        format_duration(duration, sizeof(duration), e->duration_usec);
-        format_duration(ttfb, sizeof(ttfb), e->ttfb_usec);
-        if (e->prompt_tokens != UINT64_MAX)
-                (void) snprintf(tokens, sizeof(tokens), " tokens=%" PRIu64 "+%" PRIu64,
-                                e->prompt_tokens, e->completion_tokens);
-
         /* User-controlled strings (model, path) are quoted; no header value is ever logged, so
          * credentials cannot reach the log. */
-        (void) snprintf(message, sizeof(message),
-                        "%s %s '%s' model='%s' stream=%s route=%s -> %u in %s (first byte %s) in=%" PRIu64
-                        "B out=%" PRIu64 "B%s%s%s id=%s%s%s",
-                        e->provider ?: "-", e->method, e->path, strempty(e->model), yes_no(e->stream),
-                        e->route ?: "-", e->status, duration, ttfb, e->bytes_in, e->bytes_out, tokens,
-                        e->tried ? " tried=" : "", strempty(e->tried),
-                        e->request_id, e->error_message ? ": " : "", strempty(e->error_message));
+        text_str(&m, e->provider ?: "-");
+        text_mem(&m, " ", 1);
+        text_str(&m, e->method);
+        text_mem(&m, " '", 2);
+        text_str(&m, e->path);
+        text_str(&m, "' model='");
+        text_str(&m, strempty(e->model));
+        text_str(&m, "' stream=");
+        text_str(&m, yes_no(e->stream));
+        text_str(&m, " route=");
+        text_str(&m, e->route ?: "-");
+        text_str(&m, " -> ");
+        text_u64(&m, e->status);
+        text_str(&m, " in ");
+        text_duration(&m, e->duration_usec);
+        text_str(&m, " (first byte ");
+        text_duration(&m, e->ttfb_usec);
+        text_str(&m, ") in=");
+        text_u64(&m, e->bytes_in);
+        text_str(&m, "B out=");
+        text_u64(&m, e->bytes_out);
+        text_mem(&m, "B", 1);
+        if (e->prompt_tokens != UINT64_MAX) {
+                text_str(&m, " tokens=");
+                text_u64(&m, e->prompt_tokens);
+                text_mem(&m, "+", 1);
+                text_u64(&m, e->completion_tokens);
+        }
+        if (e->tried) {
+                text_str(&m, " tried=");
+                text_str(&m, e->tried);
+        }
+        text_str(&m, " id=");
+        text_str(&m, e->request_id);
+        if (e->error_message) {
+                text_str(&m, ": ");
+                text_str(&m, e->error_message);
+        }
 
         if (target == LOG_TARGET_JOURNAL) {
-                struct iovec iov[26];
-                size_t n = 0;
-                g_autofree char *f_message = g_strconcat("MESSAGE=", message, NULL);
-                g_autofree char *f_priority = g_strdup_printf("PRIORITY=%i", level);
-                g_autofree char *f_provider = g_strconcat("PROVIDER=", strempty(e->provider), NULL);
-                g_autofree char *f_model = g_strconcat("MODEL=", strempty(e->model), NULL);
-                g_autofree char *f_status = g_strdup_printf("STATUS=%u", e->status);
-                g_autofree char *f_duration = g_strdup_printf("DURATION_USEC=%" PRIu64, e->duration_usec);
-                g_autofree char *f_request_id = g_strconcat("REQUEST_ID=", e->request_id, NULL);
-                g_autofree char *f_stream = g_strdup_printf("STREAM=%i", e->stream);
-                g_autofree char *f_method = g_strconcat("METHOD=", e->method, NULL);
-                g_autofree char *f_path = g_strconcat("PATH=", e->path, NULL);
-                g_autofree char *f_route = e->route ? g_strconcat("ROUTE=", e->route, NULL) : NULL;
-                g_autofree char *f_bytes_in = g_strdup_printf("BYTES_IN=%" PRIu64, e->bytes_in);
-                g_autofree char *f_bytes_out = g_strdup_printf("BYTES_OUT=%" PRIu64, e->bytes_out);
-                g_autofree char *f_ttfb = e->ttfb_usec != USEC_INFINITY
-                        ? g_strdup_printf("TTFB_USEC=%" PRIu64, e->ttfb_usec) : NULL;
-                g_autofree char *f_error = e->error_type ? g_strconcat("ERROR_TYPE=", e->error_type, NULL) : NULL;
-                g_autofree char *f_remote = e->remote ? g_strconcat("REMOTE_ADDR=", e->remote, NULL) : NULL;
-                g_autofree char *f_pt = e->prompt_tokens != UINT64_MAX
-                        ? g_strdup_printf("PROMPT_TOKENS=%" PRIu64, e->prompt_tokens) : NULL;
-                g_autofree char *f_ct = e->prompt_tokens != UINT64_MAX
-                        ? g_strdup_printf("COMPLETION_TOKENS=%" PRIu64, e->completion_tokens) : NULL;
-                g_autofree char *f_attempts = e->attempts > 1 ? g_strdup_printf("ATTEMPTS=%u", e->attempts) : NULL;
-                g_autofree char *f_tried = e->tried ? g_strconcat("PROVIDERS_TRIED=", e->tried, NULL) : NULL;
-                g_autofree char *f_body = NULL;
+                char fields_buf[8192];
+                Fields f = { .text = { .p = fields_buf, .size = sizeof(fields_buf) } };
 
-                if (e->response_body) {
-                        size_t sz = MIN(e->response_body_size, (size_t) 4096);
-                        f_body = g_malloc(STRLEN("RESPONSE_BODY=") + sz + 1);
-                        memcpy(f_body, "RESPONSE_BODY=", STRLEN("RESPONSE_BODY="));
-                        memcpy(f_body + STRLEN("RESPONSE_BODY="), e->response_body, sz);
-                        f_body[STRLEN("RESPONSE_BODY=") + sz] = 0;
+                field_str(&f, "MESSAGE", message_buf);
+                field_u64(&f, "PRIORITY", (uint64_t) level);
+                field_str(&f, "SYSLOG_IDENTIFIER", "provider-router");
+                field_str(&f, "PROVIDER", strempty(e->provider));
+                field_str(&f, "MODEL", strempty(e->model));
+                field_u64(&f, "STATUS", e->status);
+                field_u64(&f, "DURATION_USEC", e->duration_usec);
+                field_str(&f, "REQUEST_ID", e->request_id);
+                field_u64(&f, "STREAM", e->stream);
+                field_str(&f, "METHOD", e->method);
+                field_str(&f, "PATH", e->path);
+                field_str(&f, "ROUTE", e->route);
+                field_u64(&f, "BYTES_IN", e->bytes_in);
+                field_u64(&f, "BYTES_OUT", e->bytes_out);
+                if (e->ttfb_usec != USEC_INFINITY)
+                        field_u64(&f, "TTFB_USEC", e->ttfb_usec);
+                field_str(&f, "ERROR_TYPE", e->error_type);
+                field_str(&f, "REMOTE_ADDR", e->remote);
+                if (e->prompt_tokens != UINT64_MAX) {
+                        field_u64(&f, "PROMPT_TOKENS", e->prompt_tokens);
+                        field_u64(&f, "COMPLETION_TOKENS", e->completion_tokens);
                 }
-
-#define ADD(s) do { if (s) iov[n++] = (struct iovec) { .iov_base = (s), .iov_len = strlen(s) }; } while (0)
-                ADD(f_message);
-                ADD(f_priority);
-                iov[n++] = (struct iovec) { .iov_base = (char *) "SYSLOG_IDENTIFIER=provider-router",
-                                            .iov_len = STRLEN("SYSLOG_IDENTIFIER=provider-router") };
-                ADD(f_provider);
-                ADD(f_model);
-                ADD(f_status);
-                ADD(f_duration);
-                ADD(f_request_id);
-                ADD(f_stream);
-                ADD(f_method);
-                ADD(f_path);
-                ADD(f_route);
-                ADD(f_bytes_in);
-                ADD(f_bytes_out);
-                ADD(f_ttfb);
-                ADD(f_error);
-                ADD(f_remote);
-                ADD(f_pt);
-                ADD(f_ct);
-                ADD(f_attempts);
-                ADD(f_tried);
-                ADD(f_body);
-#undef ADD
-                (void) sd_journal_sendv(iov, (int) n);
+                if (e->attempts > 1)
+                        field_u64(&f, "ATTEMPTS", e->attempts);
+                field_str(&f, "PROVIDERS_TRIED", e->tried);
+                if (e->response_body) {
+                        field_begin(&f, "RESPONSE_BODY");
+                        text_mem(&f.text, e->response_body, MIN(e->response_body_size, (size_t) 4096));
+                        field_end(&f);
+                }
+                (void) sd_journal_sendv(f.iov, (int) f.n);
                 return;
         }
 
+        message_buf[m.len++] = '\n';
+        (void) fwrite(message_buf, 1, m.len, stderr);
         if (e->response_body)
-                (void) fprintf(stderr, "%s\n  response: %.*s\n", message,
-                               (int) MIN(e->response_body_size, (size_t) 4096), e->response_body);
-        else
-                (void) fprintf(stderr, "%s\n", message);
+                (void) fprintf(stderr, "  response: %.*s\n", (int) MIN(e->response_body_size, (size_t) 4096),
+                               e->response_body);
 }

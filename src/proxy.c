@@ -8,7 +8,8 @@
 #include "proxy.h"
 #include "request.h"
 
-#define STREAM_BLOCK_SIZE (16 * 1024)
+/* What MHD asks the reader for at once; it keeps a buffer this size per streaming connection. */
+#define STREAM_BLOCK_SIZE (4 * 1024)
 
 static void proxy_start_attempt(Request *r, ProviderConfig *p);
 

@@ -268,7 +268,8 @@ static void request_add_common_headers(Request *r, struct MHD_Response *resp) {
         if (r->tried && (r->attempts > 1 || r->chain_index > 0))
                 /* Who was tried before the one that answered, in order. */
                 (void) MHD_add_response_header(resp, "X-Provider-Tried", r->tried->str);
-        if (origin) {
+        /* CORS headers matter to browsers only, and a browser always sends Origin. */
+        if (origin && request_header(r, MHD_HTTP_HEADER_ORIGIN)) {
                 (void) MHD_add_response_header(resp, "Access-Control-Allow-Origin", origin);
                 (void) MHD_add_response_header(resp, "Access-Control-Expose-Headers", "X-Provider, X-Request-Id");
         }
