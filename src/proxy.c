@@ -44,8 +44,8 @@ static void buf_consume(Request *r, size_t n) {
                 sse_scanner_consumed(&r->sse, n);
 }
 
-static void add_upstream_headers(Request *r, struct MHD_Response *resp, Upstream *u, bool stream) {
-        char **h = upstream_headers(u);
+static void add_upstream_headers(Request *r, struct MHD_Response *resp, bool stream) {
+        char **h = r->upstream_headers ? (char **) r->upstream_headers->pdata : NULL;
         bool have_content_type = false, have_cache_control = false;
 
         for (; h && h[0] && h[1]; h += 2) {
@@ -102,12 +102,33 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *out, size_t max) {
         return (ssize_t) n;
 }
 
-static void proxy_respond_stream(Request *r, Upstream *u) {
+void proxy_respond_pending(Request *r) {
         struct MHD_Response *resp;
 
-        resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, STREAM_BLOCK_SIZE, stream_reader, r, NULL);
-        add_upstream_headers(r, resp, u, true);
-        request_respond(r, (unsigned) upstream_status(u), resp);
+        r->stream_pending = false;
+        if (r->upstream_done) {
+                /* The whole stream is already here (a fast provider): one buffer, sent with the
+                 * headers in one go, rather than chunk by chunk. */
+                size_t size = r->buf_size;
+                resp = MHD_create_response_from_buffer_with_free_callback(size, size > 0 ? r->buf : (char *) "",
+                                                                         size > 0 ? g_free : NULL);
+                if (size > 0)
+                        r->buf = NULL;
+                else
+                        g_clear_pointer(&r->buf, g_free);
+                r->buf_size = r->buf_alloc = 0;
+                r->bytes_out = size;
+        } else
+                resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, STREAM_BLOCK_SIZE, stream_reader, r, NULL);
+        add_upstream_headers(r, resp, true);
+        request_respond(r, r->upstream_status, resp);
+}
+
+/* The stream's answer is made when MHD next calls the handler: by then a fast provider has often
+ * finished too, and the answer goes out whole. */
+static void proxy_stream_ready(Request *r) {
+        r->stream_pending = true;
+        request_wake(r);
 }
 
 static void on_sse_event(const char *event, size_t size, void *userdata) {
@@ -133,6 +154,10 @@ static void proxy_on_response(Upstream *u, void *userdata) {
                        g_ascii_strncasecmp(ct, "text/event-stream", STRLEN("text/event-stream")) == 0;
         if (!r->streaming)
                 upstream_mark_first_byte(u); /* any body byte counts */
+        r->upstream_status = (unsigned) status;
+        if (r->upstream_headers)
+                g_ptr_array_unref(r->upstream_headers);
+        r->upstream_headers = upstream_steal_headers(u);
 }
 
 static size_t proxy_on_data(Upstream *u, const char *data, size_t size, void *userdata) {
@@ -174,7 +199,7 @@ static size_t proxy_on_data(Upstream *u, const char *data, size_t size, void *us
 
         if (!r->queued && !r->response) {
                 upstream_mark_first_byte(u);
-                proxy_respond_stream(r, u);
+                proxy_stream_ready(r);
         } else
                 request_wake(r);
         return size;
@@ -249,7 +274,7 @@ static void proxy_respond_buffered(Request *r, Upstream *u) {
         else
                 g_clear_pointer(&r->buf, g_free);
         r->buf_size = r->buf_alloc = 0;
-        add_upstream_headers(r, resp, u, false);
+        add_upstream_headers(r, resp, false);
         r->bytes_out = size;
         request_respond(r, (unsigned) status, resp);
 }
@@ -390,6 +415,7 @@ static void proxy_on_done(Upstream *u, UpstreamError error, const char *message,
         if (!r->queued) {
                 /* Nothing reached the client yet: another provider may still serve it. */
                 g_clear_pointer(&r->response, MHD_destroy_response);
+                r->stream_pending = false;
                 if (proxy_retry(r, u, error, message))
                         return;
 
@@ -404,9 +430,9 @@ static void proxy_on_done(Upstream *u, UpstreamError error, const char *message,
                 if (error != UPSTREAM_OK)
                         proxy_respond_failure(r, error, message);
                 else if (r->streaming) {
-                        /* Short stream, complete before its first event went out. */
+                        /* Complete before its answer was made: it goes out whole. */
                         r->upstream_done = true;
-                        proxy_respond_stream(r, u);
+                        proxy_stream_ready(r);
                 } else
                         proxy_respond_buffered(r, u);
                 r->upstream = upstream_free(u);
@@ -442,7 +468,7 @@ static void proxy_start_attempt(Request *r, ProviderConfig *p) {
         g_clear_pointer(&r->provider, provider_config_unref);
         request_begin_provider(r, p, r->reason);
         r->attempt_start = now_usec(CLOCK_MONOTONIC);
-        r->streaming = r->upstream_done = r->response_too_large = false;
+        r->streaming = r->upstream_done = r->response_too_large = r->stream_pending = false;
         r->buf_size = 0;
         r->sse = (SseScanner) {};
         r->ttfb = USEC_INFINITY;

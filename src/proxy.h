@@ -7,3 +7,5 @@ typedef struct Request Request;
 void proxy_dispatch(Request *r);
 /* Stops whatever is under way for the request: its transfer, a back-off before a retry. */
 void proxy_cancel(Request *r);
+/* Makes the answer of a stream whose first event is in (or which is already complete). */
+void proxy_respond_pending(Request *r);

@@ -238,6 +238,8 @@ static Request *request_free(Request *r) {
         g_free(r->logged_body);
         if (r->chain)
                 g_ptr_array_unref(r->chain);
+        if (r->upstream_headers)
+                g_ptr_array_unref(r->upstream_headers);
         if (r->tried)
                 g_string_free(r->tried, TRUE);
         g_free(r);
@@ -598,6 +600,8 @@ enum MHD_Result request_access_handler(void *cls, struct MHD_Connection *connect
                 request_dispatch(r);
         }
 
+        if (!r->response && r->stream_pending)
+                proxy_respond_pending(r);
         if (r->response)
                 return request_queue(r);
         if (r->queued)

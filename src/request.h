@@ -72,6 +72,9 @@ struct Request {
         /* relaying */
         Upstream *upstream;
         bool streaming;                /* relaying an SSE answer event by event */
+        bool stream_pending;           /* the stream's answer is to be made at the next handler call */
+        unsigned upstream_status;
+        GPtrArray *upstream_headers;   /* name, value, …, NULL: passed to the client */
         bool upstream_done;            /* nothing more will be appended to buf */
         bool response_too_large;
         char *buf;                     /* answer bytes not yet handed to MHD */

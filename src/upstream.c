@@ -405,6 +405,15 @@ Upstream *upstream_free(Upstream *u) {
         return NULL;
 }
 
+GPtrArray *upstream_steal_headers(Upstream *u) {
+        GPtrArray *h = u->response_headers;
+
+        u->response_headers = g_ptr_array_new_with_free_func(g_free);
+        if (!u->headers_done)
+                g_ptr_array_add(h, NULL);
+        return h;
+}
+
 long upstream_status(Upstream *u) {
         return u->status;
 }

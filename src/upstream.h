@@ -57,6 +57,8 @@ const char *upstream_content_type(Upstream *u);
 const char *upstream_retry_after(Upstream *u);
 /* Response headers worth passing to the client, as alternating name, value, NULL-terminated. */
 char **upstream_headers(Upstream *u);
+/* Takes the headers over (as above, in a GPtrArray); the transfer keeps none. */
+GPtrArray *upstream_steal_headers(Upstream *u);
 usec_t upstream_first_byte_usec(Upstream *u); /* CLOCK_MONOTONIC, USEC_INFINITY if none yet */
 /* For streams the owner says when the answer has really begun (its first data event), which
  * ends the first-byte timeout; other transfers begin with their first body byte. */
