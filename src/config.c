@@ -130,7 +130,7 @@ static Config *config_new_empty(void) {
         c->log_responses = false;
         c->max_body_size = 8 * 1024 * 1024;
         c->max_response_size = 64 * 1024 * 1024;
-        c->max_header_size = 16 * 1024;
+        c->max_header_size = 32 * 1024;
         c->stream_buffer_size = 16 * 1024;
         c->max_connections = 4096;
         c->cors_allow_origin = g_strdup("*");

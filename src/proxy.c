@@ -28,7 +28,7 @@ static const char *endpoint_suffix(Endpoint e) {
 
 static void buf_append(Request *r, const char *data, size_t size) {
         if (r->buf_size + size > r->buf_alloc) {
-                r->buf_alloc = MAX(MAX(r->buf_alloc * 2, r->buf_size + size), (size_t) 4096);
+                r->buf_alloc = MAX(MAX(r->buf_alloc * 2, r->buf_size + size), (size_t) 1024);
                 r->buf = g_realloc(r->buf, r->buf_alloc);
         }
         memcpy(r->buf + r->buf_size, data, size);

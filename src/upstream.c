@@ -326,10 +326,10 @@ int upstream_start(CurlGlue *glue, sd_event *event, const UpstreamRequest *req, 
         curl_easy_setopt(e, CURLOPT_WRITEDATA, u);
         curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long) (req->connect_timeout / USEC_PER_MSEC));
         curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
-        /* A stream's events are small and relayed at once: a small receive buffer per transfer
-         * keeps thousands of open streams cheap. */
-        if (req->stream)
-                curl_easy_setopt(e, CURLOPT_BUFFERSIZE, 8192L);
+        /* Answers are a few kilobytes and streams' events far smaller: an 8K receive buffer per
+         * transfer (curl's default is 16K) keeps thousands of them cheap; a large answer just
+         * takes more reads. */
+        curl_easy_setopt(e, CURLOPT_BUFFERSIZE, 8192L);
         curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
         curl_easy_setopt(e, CURLOPT_USERAGENT, "provider-router/" PACKAGE_VERSION);
         /* Never wait for "100 Continue": it costs a round trip. libcurl asks for it only for
