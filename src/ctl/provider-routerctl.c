@@ -413,27 +413,33 @@ static const char *state_color(const char *state) {
 
 /* ---- verbs -------------------------------------------------------------------------------- */
 
+/* What status and providers both show: the default, the providers, their figures. */
+static int read_overview(sd_bus *bus, char **ret_default, char ***ret_providers, GPtrArray **ret_stats) {
+        int r;
+
+        r = get_string(bus, "DefaultProvider", ret_default);
+        if (r < 0)
+                return r;
+        r = get_strv(bus, "Providers", ret_providers);
+        if (r < 0)
+                return r;
+        return read_stats(bus, ret_stats);
+}
+
 static int verb_status(sd_bus *bus, char **args) {
         g_autofree char *def = NULL, *version = NULL;
         g_auto(GStrv) providers = NULL;
         g_autoptr(GPtrArray) mappings = NULL, stats = NULL;
-        g_autofree char *joined = NULL;
         ProviderFigures *total;
         int r;
 
-        r = get_string(bus, "DefaultProvider", &def);
+        r = read_overview(bus, &def, &providers, &stats);
         if (r < 0)
                 return r;
         r = get_string(bus, "Version", &version);
         if (r < 0)
                 return r;
-        r = get_strv(bus, "Providers", &providers);
-        if (r < 0)
-                return r;
         r = get_mappings(bus, &mappings);
-        if (r < 0)
-                return r;
-        r = read_stats(bus, &stats);
         if (r < 0)
                 return r;
 
@@ -464,13 +470,7 @@ static int verb_providers(sd_bus *bus, char **args) {
         g_autoptr(GPtrArray) stats = NULL;
         int r, n = 0;
 
-        r = get_string(bus, "DefaultProvider", &def);
-        if (r < 0)
-                return r;
-        r = get_strv(bus, "Providers", &providers);
-        if (r < 0)
-                return r;
-        r = read_stats(bus, &stats);
+        r = read_overview(bus, &def, &providers, &stats);
         if (r < 0)
                 return r;
 
