@@ -19,7 +19,6 @@ struct CurlGlue {
         sd_event_source *defer;   /* curl asked to be called again at once */
         usec_t deadline;          /* of the armed timer, USEC_INFINITY if none */
         GPtrArray *pool;          /* idle easy handles */
-        unsigned n_running;
 };
 
 #define CURL_TIMER_ACCURACY USEC_PER_MSEC
@@ -41,7 +40,6 @@ static void curl_glue_check_finished(CurlGlue *g) {
                         continue;
                 /* The callback owns the handle from here and usually releases it. */
                 curl_multi_remove_handle(g->multi, easy);
-                g->n_running--;
                 slot->done(easy, code, slot->userdata);
         }
 }
@@ -259,15 +257,10 @@ int curl_glue_add(CurlGlue *g, CURL *easy, CurlSlot *slot) {
                 return -EIO;
         if (curl_multi_add_handle(g->multi, easy) != CURLM_OK)
                 return -EIO;
-        g->n_running++;
         return 0;
 }
 
 void curl_glue_remove(CurlGlue *g, CURL *easy) {
-        if (curl_multi_remove_handle(g->multi, easy) == CURLM_OK)
-                g->n_running--;
+        (void) curl_multi_remove_handle(g->multi, easy);
 }
 
-unsigned curl_glue_n_running(CurlGlue *g) {
-        return g->n_running;
-}

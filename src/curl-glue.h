@@ -28,4 +28,3 @@ int curl_glue_add(CurlGlue *g, CURL *easy, CurlSlot *slot);
 /* Not from inside a curl callback. */
 void curl_glue_remove(CurlGlue *g, CURL *easy);
 
-unsigned curl_glue_n_running(CurlGlue *g);

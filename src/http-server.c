@@ -443,10 +443,6 @@ void http_server_quiesce(HttpServer *s) {
         }
 }
 
-unsigned http_server_n_connections(HttpServer *s) {
-        return s->n_connections;
-}
-
 bool http_server_socket_activated(HttpServer *s) {
         return s->socket_activated;
 }

@@ -31,7 +31,6 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(HttpServer, http_server_free)
 void http_server_wake(HttpServer *s);
 
 void http_server_quiesce(HttpServer *s);
-unsigned http_server_n_connections(HttpServer *s);
 bool http_server_socket_activated(HttpServer *s);
 /* "127.0.0.1:3001, [::1]:3001" */
 char *http_server_describe(HttpServer *s);

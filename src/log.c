@@ -59,26 +59,17 @@ void log_setup(void) {
         target = stderr_is_journal() ? LOG_TARGET_JOURNAL : LOG_TARGET_STDERR;
 }
 
-void log_buffer_requests(bool b) {
+void log_buffer_requests(void) {
         static char buffer[64 * 1024];
 
         /* Request lines on stderr are collected and written once per event loop iteration (see
          * log_flush()); under load one write() carries many requests. Other messages flush at
          * once. */
-        if (b)
-                (void) setvbuf(stderr, buffer, _IOFBF, sizeof(buffer));
-        else {
-                (void) fflush(stderr);
-                (void) setvbuf(stderr, NULL, _IONBF, 0);
-        }
+        (void) setvbuf(stderr, buffer, _IOFBF, sizeof(buffer));
 }
 
 void log_flush(void) {
         (void) fflush(stderr);
-}
-
-void log_set_target(LogTarget t) {
-        target = t;
 }
 
 LogTarget log_get_target(void) {

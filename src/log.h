@@ -15,9 +15,8 @@ typedef enum LogTarget {
 void log_setup(void);
 /* Buffer request lines on stderr until log_flush(), which the event loop calls once per
  * iteration. */
-void log_buffer_requests(bool b);
+void log_buffer_requests(void);
 void log_flush(void);
-void log_set_target(LogTarget target);
 LogTarget log_get_target(void);
 void log_set_max_level(int level);
 int log_get_max_level(void);

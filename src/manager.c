@@ -323,7 +323,7 @@ int manager_start(Manager *m) {
                 r = sd_event_add_post(m->event, NULL, manager_on_post, m);
                 if (r < 0)
                         return log_error_errno(r, "Failed to set up log flushing: %m");
-                log_buffer_requests(true);
+                log_buffer_requests();
         }
 
         /* Feeds the watchdog from the loop itself, so a stuck loop is noticed. */

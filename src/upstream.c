@@ -36,24 +36,6 @@ struct Upstream {
         char error_buf[CURL_ERROR_SIZE];
 };
 
-static const char *const upstream_error_table[_UPSTREAM_ERROR_MAX] = {
-        [UPSTREAM_OK] = "ok",
-        [UPSTREAM_ERROR_CONNECT] = "connect",
-        [UPSTREAM_ERROR_CONNECT_TIMEOUT] = "connect-timeout",
-        [UPSTREAM_ERROR_FIRST_BYTE_TIMEOUT] = "first-byte-timeout",
-        [UPSTREAM_ERROR_TIMEOUT] = "timeout",
-        [UPSTREAM_ERROR_IDLE_TIMEOUT] = "idle-timeout",
-        [UPSTREAM_ERROR_BROKEN] = "broken",
-        [UPSTREAM_ERROR_ABORTED] = "aborted",
-        [UPSTREAM_ERROR_OTHER] = "other",
-};
-
-const char *upstream_error_to_string(UpstreamError e) {
-        if (e < 0 || e >= _UPSTREAM_ERROR_MAX)
-                return NULL;
-        return upstream_error_table[e];
-}
-
 bool upstream_error_is_timeout(UpstreamError e) {
         return e == UPSTREAM_ERROR_CONNECT_TIMEOUT || e == UPSTREAM_ERROR_FIRST_BYTE_TIMEOUT ||
                e == UPSTREAM_ERROR_TIMEOUT || e == UPSTREAM_ERROR_IDLE_TIMEOUT;
@@ -426,14 +408,6 @@ const char *upstream_retry_after(Upstream *u) {
         return u->retry_after;
 }
 
-char **upstream_headers(Upstream *u) {
-        return u->headers_done ? (char **) u->response_headers->pdata : NULL;
-}
-
-usec_t upstream_first_byte_usec(Upstream *u) {
-        return u->first_byte;
-}
-
 void upstream_mark_first_byte(Upstream *u) {
         if (u->first_byte != USEC_INFINITY)
                 return;
@@ -446,13 +420,6 @@ void upstream_mark_first_byte(Upstream *u) {
 
 bool upstream_is_paused(Upstream *u) {
         return u->paused;
-}
-
-void upstream_pause(Upstream *u) {
-        if (u->paused || !u->running)
-                return;
-        u->paused = true;
-        (void) curl_easy_pause(u->easy, CURLPAUSE_RECV);
 }
 
 void upstream_resume(Upstream *u) {

@@ -17,7 +17,6 @@ typedef enum UpstreamError {
         _UPSTREAM_ERROR_MAX,
 } UpstreamError;
 
-const char *upstream_error_to_string(UpstreamError e);
 bool upstream_error_is_timeout(UpstreamError e);
 
 typedef struct Upstream Upstream;
@@ -55,11 +54,9 @@ Upstream *upstream_free(Upstream *u);
 long upstream_status(Upstream *u);
 const char *upstream_content_type(Upstream *u);
 const char *upstream_retry_after(Upstream *u);
-/* Response headers worth passing to the client, as alternating name, value, NULL-terminated. */
-char **upstream_headers(Upstream *u);
-/* Takes the headers over (as above, in a GPtrArray); the transfer keeps none. */
+/* Takes over the response headers worth passing to the client: alternating name, value,
+ * NULL-terminated, in a GPtrArray; the transfer keeps none. */
 GPtrArray *upstream_steal_headers(Upstream *u);
-usec_t upstream_first_byte_usec(Upstream *u); /* CLOCK_MONOTONIC, USEC_INFINITY if none yet */
 /* For streams the owner says when the answer has really begun (its first data event), which
  * ends the first-byte timeout; other transfers begin with their first body byte. */
 void upstream_mark_first_byte(Upstream *u);
@@ -77,5 +74,4 @@ typedef enum UpstreamHeadLine {
  * of buffer) and its value, trimmed. */
 UpstreamHeadLine upstream_parse_head_line(const char *buffer, size_t n, long *ret_status, size_t *ret_name_len,
                                           const char **ret_value, size_t *ret_value_len);
-void upstream_pause(Upstream *u);
 void upstream_resume(Upstream *u);
