@@ -35,6 +35,10 @@ static ProviderConfig *provider_config_free(ProviderConfig *p) {
                 return NULL;
         g_free(p->name);
         g_free(p->base_url);
+        g_free(p->chat_url);
+        g_free(p->completions_url);
+        g_free(p->embeddings_url);
+        g_free(p->models_url);
         g_free(p->default_model);
         g_strfreev(p->models);
         g_free(p->api_key_credential);
@@ -979,6 +983,12 @@ static void validate(Parser *p, const ConfigSources *src) {
 
                 if (pc->kind == PROVIDER_KIND_OPENAI && !pc->base_url)
                         parser_error(p, "provider '%s' has no BaseURL=", pc->name);
+                if (pc->base_url) {
+                        pc->chat_url = g_strconcat(pc->base_url, "/chat/completions", NULL);
+                        pc->completions_url = g_strconcat(pc->base_url, "/completions", NULL);
+                        pc->embeddings_url = g_strconcat(pc->base_url, "/embeddings", NULL);
+                        pc->models_url = g_strconcat(pc->base_url, "/models", NULL);
+                }
 
                 for (char **f = pc->fallbacks; f && *f; f++) {
                         if (streq(*f, pc->name))

@@ -24,6 +24,10 @@ typedef struct ProviderConfig {
         char *name;
         ProviderKind kind;
         char *base_url;            /* no trailing slash */
+        char *chat_url;            /* base_url + "/chat/completions" etc., made once at load */
+        char *completions_url;
+        char *embeddings_url;
+        char *models_url;
         char *default_model;
         char **models;             /* advertised in /v1/models besides what the provider lists */
         char *api_key_credential;  /* sources, at most one is used */

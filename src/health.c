@@ -31,7 +31,6 @@ static void provider_health_free(gpointer p) {
         sd_event_source_disable_unref(h->timer);
         g_free(h->name);
         g_free(h->last_error);
-        g_free(h->probe_url);
         g_free(h);
 }
 
@@ -201,10 +200,8 @@ static int health_on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         if (!p || p->kind != PROVIDER_KIND_OPENAI || h->state != HEALTH_DOWN)
                 return 0;
 
-        g_free(h->probe_url);
-        h->probe_url = g_strconcat(p->base_url, "/models", NULL);
         UpstreamRequest req = {
-                .url = h->probe_url,
+                .url = p->models_url,
                 .api_key = p->api_key,
                 .connect_timeout = MIN(p->connect_timeout_usec, PROBE_TIMEOUT_USEC),
                 .first_byte_timeout = PROBE_TIMEOUT_USEC,

@@ -31,7 +31,6 @@ typedef struct ProviderHealth {
         char *last_error;
         sd_event_source *timer;
         Upstream *probe;
-        char *probe_url;
         uint64_t probes;
         uint64_t trips;             /* times marked down */
 } ProviderHealth;

@@ -13,7 +13,6 @@ typedef struct ModelsFetch {
         ModelsQuery *query;
         ProviderConfig *provider;
         Upstream *upstream;
-        char *url;
         GByteArray *body;
         long status;
         bool ok;
@@ -31,7 +30,6 @@ static void models_fetch_free(ModelsFetch *f) {
                 return;
         upstream_free(f->upstream);
         provider_config_unref(f->provider);
-        g_free(f->url);
         if (f->body)
                 g_byte_array_unref(f->body);
         g_free(f);
@@ -243,12 +241,11 @@ void models_dispatch(Request *r) {
                 f = g_new0(ModelsFetch, 1);
                 f->query = q;
                 f->provider = provider_config_ref(p);
-                f->url = g_strconcat(p->base_url, "/models", NULL);
-                f->body = g_byte_array_new();
+                        f->body = g_byte_array_new();
                 g_ptr_array_add(q->fetches, f);
 
                 UpstreamRequest req = {
-                        .url = f->url,
+                        .url = p->models_url,
                         .api_key = p->api_key,
                         .authorization = p->api_key ? NULL : request_header(r, MHD_HTTP_HEADER_AUTHORIZATION),
                         .request_id = r->request_id,

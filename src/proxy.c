@@ -13,14 +13,14 @@
 
 static void proxy_start_attempt(Request *r, ProviderConfig *p);
 
-static const char *endpoint_suffix(Endpoint e) {
+static const char *endpoint_url(const ProviderConfig *p, Endpoint e) {
         switch (e) {
         case ENDPOINT_CHAT:
-                return "/chat/completions";
+                return p->chat_url;
         case ENDPOINT_COMPLETIONS:
-                return "/completions";
+                return p->completions_url;
         case ENDPOINT_EMBEDDINGS:
-                return "/embeddings";
+                return p->embeddings_url;
         default:
                 g_assert_not_reached();
         }
@@ -476,7 +476,6 @@ static void proxy_start_attempt(Request *r, ProviderConfig *p) {
         r->error_type = NULL;
         g_clear_pointer(&r->error_message, g_free);
         g_clear_pointer(&r->upstream_body, g_free);
-        g_clear_pointer(&r->upstream_url, g_free);
         r->attempts++;
         if (!r->tried)
                 r->tried = g_string_new(NULL);
@@ -499,9 +498,8 @@ static void proxy_start_attempt(Request *r, ProviderConfig *p) {
                 }
         }
 
-        r->upstream_url = g_strconcat(p->base_url, endpoint_suffix(r->endpoint), NULL);
         UpstreamRequest req = {
-                .url = r->upstream_url,
+                .url = endpoint_url(p, r->endpoint),
                 .post = true,
                 .body = body,
                 .body_size = body_size,

@@ -232,7 +232,6 @@ static Request *request_free(Request *r) {
         provider_stats_unref(r->pstats);
         g_free(r->body);
         g_free(r->upstream_body);
-        g_free(r->upstream_url);
         g_free(r->buf);
         g_free(r->error_message);
         g_free(r->logged_body);

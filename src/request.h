@@ -58,7 +58,6 @@ struct Request {
         GString *tried;                /* "a, b" when more than one provider was tried */
         char *upstream_body;           /* rewritten body, when one was needed */
         size_t upstream_body_size;
-        char *upstream_url;
 
         /* the answer */
         struct MHD_Response *response; /* ready, waiting to be queued */
