@@ -102,23 +102,31 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *out, size_t max) {
         return (ssize_t) n;
 }
 
+/* The whole answer is in buf: MHD takes the buffer over and sends it with the headers. */
+static struct MHD_Response *buf_to_response(Request *r) {
+        struct MHD_Response *resp;
+        size_t size = r->buf_size;
+
+        resp = MHD_create_response_from_buffer_with_free_callback(size, size > 0 ? r->buf : (char *) "",
+                                                                 size > 0 ? g_free : NULL);
+        if (size > 0)
+                r->buf = NULL;
+        else
+                g_clear_pointer(&r->buf, g_free);
+        r->buf_size = r->buf_alloc = 0;
+        r->bytes_out = size;
+        return resp;
+}
+
 void proxy_respond_pending(Request *r) {
         struct MHD_Response *resp;
 
         r->stream_pending = false;
-        if (r->upstream_done) {
+        if (r->upstream_done)
                 /* The whole stream is already here (a fast provider): one buffer, sent with the
                  * headers in one go, rather than chunk by chunk. */
-                size_t size = r->buf_size;
-                resp = MHD_create_response_from_buffer_with_free_callback(size, size > 0 ? r->buf : (char *) "",
-                                                                         size > 0 ? g_free : NULL);
-                if (size > 0)
-                        r->buf = NULL;
-                else
-                        g_clear_pointer(&r->buf, g_free);
-                r->buf_size = r->buf_alloc = 0;
-                r->bytes_out = size;
-        } else
+                resp = buf_to_response(r);
+        else
                 resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, STREAM_BLOCK_SIZE, stream_reader, r, NULL);
         add_upstream_headers(r, resp, true);
         request_respond(r, r->upstream_status, resp);
@@ -267,15 +275,8 @@ static void proxy_respond_buffered(Request *r, Upstream *u) {
                 r->logged_body = g_strndup(r->buf, r->logged_body_size);
         }
 
-        resp = MHD_create_response_from_buffer_with_free_callback(size, size > 0 ? r->buf : (char *) "",
-                                                                 size > 0 ? g_free : NULL);
-        if (size > 0)
-                r->buf = NULL;
-        else
-                g_clear_pointer(&r->buf, g_free);
-        r->buf_size = r->buf_alloc = 0;
+        resp = buf_to_response(r);
         add_upstream_headers(r, resp, false);
-        r->bytes_out = size;
         request_respond(r, (unsigned) status, resp);
 }
 
@@ -292,6 +293,14 @@ static bool attempt_failed(UpstreamError error, long status, bool *ret_health_fa
         return status >= 500 || status == 429;
 }
 
+/* Why an attempt failed, in words for the log, /health and the journal. */
+static const char *attempt_reason(UpstreamError error, const char *message, long status, char *buf, size_t size) {
+        if (error != UPSTREAM_OK)
+                return strna(message);
+        (void) snprintf(buf, size, "answered HTTP %ld", status);
+        return buf;
+}
+
 /* The next provider of the chain that may take the request: not down, not at its
  * MaxConcurrent=, and — unless ignore_retry_after — not inside a Retry-After it asked for. */
 static ProviderConfig *chain_next_available(Request *r, unsigned from, bool ignore_retry_after, unsigned *ret_index) {
@@ -300,7 +309,6 @@ static ProviderConfig *chain_next_available(Request *r, unsigned from, bool igno
 
         for (unsigned i = from; i < r->chain->len; i++) {
                 ProviderConfig *p = r->chain->pdata[i];
-                ProviderStats *s = stats_get(m->stats, p->name);
 
                 if (p->kind == PROVIDER_KIND_OPENAI) {
                         ProviderHealth *h = health_get(m, p->name);
@@ -309,7 +317,7 @@ static ProviderConfig *chain_next_available(Request *r, unsigned from, bool igno
                         if (!ignore_retry_after && !health_available(h, now))
                                 continue;
                 }
-                if (p->max_concurrent > 0 && s->in_flight >= p->max_concurrent)
+                if (p->max_concurrent > 0 && stats_get(m->stats, p->name)->in_flight >= p->max_concurrent)
                         continue;
                 *ret_index = i;
                 return p;
@@ -335,6 +343,8 @@ static bool proxy_retry(Request *r, Upstream *u, UpstreamError error, const char
         ProviderHealth *h = health_get(m, r->provider->name);
         usec_t now = now_usec(CLOCK_MONOTONIC), wait = 0, retry_after = USEC_INFINITY;
         long status = upstream_status(u);
+        char buf[32];
+        const char *why;
         unsigned index;
         bool health_failure;
 
@@ -370,8 +380,9 @@ static bool proxy_retry(Request *r, Upstream *u, UpstreamError error, const char
         }
 
         /* The failed attempt is counted for its provider, and so is its effect on health. */
+        why = attempt_reason(error, message, status, buf, sizeof(buf));
         if (health_failure)
-                health_record_failure(h, message ?: "error status");
+                health_record_failure(h, why);
         provider_stats_end(r->pstats, (unsigned) status,
                            error != UPSTREAM_OK ? (upstream_error_is_timeout(error) ? ERROR_CLASS_TIMEOUT : ERROR_CLASS_CONNECT)
                                                 : (status >= 500 ? ERROR_CLASS_PROVIDER_5XX : ERROR_CLASS_PROVIDER_4XX),
@@ -379,8 +390,7 @@ static bool proxy_retry(Request *r, Upstream *u, UpstreamError error, const char
         r->pstats->retries++;
         r->pstats = provider_stats_unref(r->pstats);
 
-        log_info("%s: provider '%s' failed (%s), trying %s'%s'%s.", r->request_id, r->provider->name,
-                 error != UPSTREAM_OK ? strna(message) : (status == 429 ? "HTTP 429" : "HTTP 5xx"),
+        log_info("%s: provider '%s' failed (%s), trying %s'%s'%s.", r->request_id, r->provider->name, why,
                  next == r->provider ? "again " : "", next->name, wait > 0 ? " after a back-off" : "");
 
         if (next == r->provider)
@@ -420,10 +430,11 @@ static void proxy_on_done(Upstream *u, UpstreamError error, const char *message,
                         return;
 
                 bool health_failure = false;
+                char buf[32];
                 if (r->response_too_large)
                         ; /* a large answer is an answer: the provider is fine */
                 else if (attempt_failed(error, status, &health_failure) && health_failure)
-                        health_record_failure(h, error != UPSTREAM_OK ? message : "error status");
+                        health_record_failure(h, attempt_reason(error, message, status, buf, sizeof(buf)));
                 else if (error == UPSTREAM_OK)
                         health_record_success(h);
 
@@ -462,6 +473,14 @@ static void proxy_start_attempt(Request *r, ProviderConfig *p) {
         size_t body_size = r->body_size;
         int k;
 
+        /* Who was tried, in order; kept only once there is more than one name to tell. */
+        r->attempts++;
+        if (r->tried || r->attempts > 1) {
+                if (!r->tried)
+                        r->tried = g_string_new(r->provider->name);
+                g_string_append_printf(r->tried, ", %s", p->name);
+        }
+
         /* Fresh state for this attempt; the previous one left nothing the client saw. */
         if (r->pstats)
                 r->pstats = provider_stats_unref(r->pstats);
@@ -476,12 +495,6 @@ static void proxy_start_attempt(Request *r, ProviderConfig *p) {
         r->error_type = NULL;
         g_clear_pointer(&r->error_message, g_free);
         g_clear_pointer(&r->upstream_body, g_free);
-        r->attempts++;
-        if (!r->tried)
-                r->tried = g_string_new(NULL);
-        if (r->tried->len > 0)
-                g_string_append(r->tried, ", ");
-        g_string_append(r->tried, p->name);
 
         if (p->kind == PROVIDER_KIND_ECHO) {
                 echo_respond(r);

@@ -212,7 +212,7 @@ static void request_log_and_count(Request *r, enum MHD_RequestTerminationCode to
                 .prompt_tokens = r->prompt_tokens,
                 .completion_tokens = r->completion_tokens,
                 .attempts = r->attempts,
-                .tried = r->tried && (r->attempts > 1 || r->chain_index > 0) ? r->tried->str : NULL,
+                .tried = r->tried ? r->tried->str : NULL,
         };
         log_request(&e, level);
 }
@@ -266,7 +266,7 @@ static void request_add_common_headers(Request *r, struct MHD_Response *resp) {
         (void) MHD_add_response_header(resp, "X-Request-Id", r->request_id);
         if (r->provider)
                 (void) MHD_add_response_header(resp, "X-Provider", r->provider->name);
-        if (r->tried && (r->attempts > 1 || r->chain_index > 0))
+        if (r->tried)
                 /* Who was tried before the one that answered, in order. */
                 (void) MHD_add_response_header(resp, "X-Provider-Tried", r->tried->str);
         /* CORS headers matter to browsers only, and a browser always sends Origin. */

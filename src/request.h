@@ -55,7 +55,7 @@ struct Request {
         unsigned retries_left;         /* of the same provider, MaxRetries= */
         usec_t attempt_start;          /* CLOCK_MONOTONIC */
         sd_event_source *retry_timer;
-        GString *tried;                /* "a, b" when more than one provider was tried */
+        GString *tried;                /* "a, b": set once more than one provider was tried or skipped */
         char *upstream_body;           /* rewritten body, when one was needed */
         size_t upstream_body_size;
 
