@@ -935,15 +935,13 @@ static void load_client_tokens(Parser *p, const ConfigSources *src) {
         size_t size = strlen(contents);
         c->client_token_digests = g_ptr_array_new_with_free_func(g_free);
         for (char *line = contents, *next; line && *line; line = next) {
-                char *end;
                 next = strchr(line, '\n');
                 if (next)
                         *next++ = 0;
                 g_strstrip(line);
                 if (line[0] == 0 || line[0] == '#')
                         continue;
-                end = line + strlen(line);
-                g_ptr_array_add(c->client_token_digests, config_token_digest(line, (size_t) (end - line)));
+                g_ptr_array_add(c->client_token_digests, config_token_digest(line, strlen(line)));
         }
         if (c->client_token_digests->len == 0)
                 parser_error(p, "the client tokens (%s '%s') contain no token", what, path);

@@ -146,16 +146,13 @@ static void text_u64(Text *t, uint64_t v) {
         text_mem(t, d + sizeof(d) - n, n);
 }
 
-static void text_frac(Text *t, uint64_t whole, uint64_t frac, unsigned digits, const char *unit) {
+/* whole.frac with frac of one or two digits (0-9 or 0-99). */
+static void text_frac(Text *t, uint64_t whole, unsigned frac, unsigned digits, const char *unit) {
+        char d[2] = { (char) ('0' + frac / 10 % 10), (char) ('0' + frac % 10) };
+
         text_u64(t, whole);
         text_mem(t, ".", 1);
-        for (unsigned i = digits; i > 0; i--) {
-                uint64_t div = 1;
-                for (unsigned j = 1; j < i; j++)
-                        div *= 10;
-                char c = (char) ('0' + (frac / div) % 10);
-                text_mem(t, &c, 1);
-        }
+        text_mem(t, digits == 2 ? d : d + 1, digits);
         text_str(t, unit);
 }
 
@@ -163,11 +160,11 @@ static void text_duration(Text *t, usec_t u) {
         if (u == USEC_INFINITY)
                 text_str(t, "-");
         else if (u < 10 * USEC_PER_MSEC)
-                text_frac(t, u / 1000, u % 1000 / 10, 2, "ms");
+                text_frac(t, u / 1000, (unsigned) (u % 1000 / 10), 2, "ms");
         else if (u < 10 * USEC_PER_SEC)
-                text_frac(t, u / 1000, u % 1000 / 100, 1, "ms");
+                text_frac(t, u / 1000, (unsigned) (u % 1000 / 100), 1, "ms");
         else
-                text_frac(t, u / USEC_PER_SEC, u % USEC_PER_SEC / 100000, 1, "s");
+                text_frac(t, u / USEC_PER_SEC, (unsigned) (u % USEC_PER_SEC / 100000), 1, "s");
 }
 
 /* "NAME=value" into the field buffer, and an iovec pointing at it. */
