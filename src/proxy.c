@@ -76,13 +76,6 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *out, size_t max) {
         /* Only whole events go out while the provider is still talking, so that an error event
          * can always follow cleanly. */
         avail = r->upstream_done ? r->buf_size : r->sse.boundary;
-        if (avail == 0 && r->upstream && upstream_is_paused(r->upstream)) {
-                /* Only part of an event is buffered and the provider is paused: the event can
-                 * only complete with more data, however full the buffer is. Without this a
-                 * paused event larger than half the buffer is never finished. */
-                upstream_resume(r->upstream);
-                avail = r->upstream_done ? r->buf_size : r->sse.boundary;
-        }
         if (avail == 0) {
                 if (r->upstream_done)
                         return MHD_CONTENT_READER_END_OF_STREAM;
@@ -95,9 +88,11 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *out, size_t max) {
         buf_consume(r, n);
         r->bytes_out += n;
 
-        /* Drained enough: let the provider send more. This may append to buf right away. */
+        /* Drained enough, or every whole event (what is left is part of one, which only more
+         * data can complete, however large): let the provider send more. This may append to
+         * buf right away. */
         if (r->upstream && upstream_is_paused(r->upstream) &&
-            r->buf_size <= r->manager->config->stream_buffer_size / 2)
+            (r->buf_size <= r->manager->config->stream_buffer_size / 2 || r->sse.boundary == 0))
                 upstream_resume(r->upstream);
         return (ssize_t) n;
 }
