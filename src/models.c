@@ -247,7 +247,7 @@ void models_dispatch(Request *r) {
                 UpstreamRequest req = {
                         .url = p->models_url,
                         .api_key = p->api_key,
-                        .authorization = p->api_key ? NULL : request_header(r, MHD_HTTP_HEADER_AUTHORIZATION),
+                        .authorization = request_upstream_authorization(r, p),
                         .request_id = r->request_id,
                         .connect_timeout = MIN(p->connect_timeout_usec, MODELS_TIMEOUT_USEC),
                         .first_byte_timeout = MODELS_TIMEOUT_USEC,

@@ -512,10 +512,7 @@ static void proxy_start_attempt(Request *r, ProviderConfig *p) {
                 .body = body,
                 .body_size = body_size,
                 .api_key = p->api_key,
-                /* A provider with its own key never sees the client's, nor does any provider when
-                 * the key was one of the router's own client tokens. */
-                .authorization = p->api_key || m->config->client_token_digests
-                                         ? NULL : request_header(r, MHD_HTTP_HEADER_AUTHORIZATION),
+                .authorization = request_upstream_authorization(r, p),
                 .request_id = r->request_id,
                 .stream = r->info.stream,
                 .connect_timeout = p->connect_timeout_usec,

@@ -68,6 +68,12 @@ const char *request_header(Request *r, const char *name) {
         return MHD_lookup_connection_value(r->connection, MHD_HEADER_KIND, name);
 }
 
+const char *request_upstream_authorization(Request *r, const ProviderConfig *p) {
+        if (p->api_key || r->manager->config->client_token_digests)
+                return NULL;
+        return request_header(r, MHD_HTTP_HEADER_AUTHORIZATION);
+}
+
 static bool request_id_is_valid(const char *id) {
         size_t n;
 

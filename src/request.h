@@ -116,5 +116,10 @@ void request_suspend(Request *r);
 
 const char *request_header(Request *r, const char *name);
 
+/* The client's Authorization header to pass to provider p, or NULL: a provider with its own key
+ * never sees the client's, nor does any provider when the header carried one of the router's
+ * own client tokens. */
+const char *request_upstream_authorization(Request *r, const ProviderConfig *p);
+
 /* Counts the request against its provider; called once a provider is chosen. */
 void request_begin_provider(Request *r, ProviderConfig *p, RouteReason reason);

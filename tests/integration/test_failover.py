@@ -830,6 +830,15 @@ class ClientTokenTest(FailoverCase):
         self.assertNotIn(self.TOKEN, self.router.log())
         self.assertNotIn(self.KEY, self.router.log())
 
+    def test_models_listing_does_not_forward_the_client_token(self):
+        r = self.router.request("GET", "/v1/models", headers=self.auth(self.TOKEN))
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(self.alpha.stats()["last_request"]["path"], "/v1/models")
+        self.assertNotIn("authorization", self.alpha.stats()["last_request"]["headers"])
+        sent = self.beta.stats()["last_request"]["headers"]
+        self.assertEqual(sent.get("authorization"), "Bearer " + self.KEY, sent)
+        self.assert_ok_from(self.router.chat(chat_body(), headers=self.auth(self.TOKEN)), "alpha", "alpha: hello")
+
 
 class ForwardingTest(FailoverCase):
     def test_client_key_not_sent_to_provider_with_own_key(self):
