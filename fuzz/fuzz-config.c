@@ -77,14 +77,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 assert(p->kind != PROVIDER_KIND_OPENAI || p->base_url);
         }
 
-        g_autoptr(Router) router = router_new(c);
-        ProviderConfig *picked = NULL;
-        RouteReason reason;
+        g_autoptr(ProviderSet) set = provider_set_new(c, NULL, NULL);
+        g_autoptr(Router) router = router_new(c, set);
+        RoutePick pick = {};
         for (guint i = 0; i < c->mapping_order->len; i++) {
-                r = router_pick(router, NULL, c->mapping_order->pdata[i], &picked, &reason);
-                assert(r >= 0 && picked);
+                r = router_pick(router, NULL, c->mapping_order->pdata[i], NULL, 0, &pick);
+                assert(r >= 0 && pick.provider);
         }
-        r = router_pick(router, NULL, NULL, &picked, &reason);
-        assert(r >= 0 && picked);
+        r = router_pick(router, NULL, NULL, NULL, 0, &pick);
+        assert(r >= 0 && pick.provider);
         return 0;
 }

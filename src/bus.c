@@ -2,9 +2,7 @@
 #include <unistd.h>
 
 #include "bus.h"
-#include "health.h"
 #include "log.h"
-#include "request.h"
 
 #define BUS_NAME "org.providerrouter.Router1"
 #define BUS_PATH "/org/providerrouter/Router1"
@@ -18,18 +16,20 @@
 
 typedef int (*AuthorizedFunc)(sd_bus_message *message, Manager *m, bool apply, sd_bus_error *error);
 
+struct Bus {
+        Manager *manager;
+        sd_bus *bus;
+        GList *pending;      /* PendingAuth* */
+        sd_bus_slot *object_slot;
+};
+
 /* A method call waiting for polkit's answer. */
 typedef struct PendingAuth {
-        Manager *manager;
+        Bus *bus;
         sd_bus_message *message;
         sd_bus_slot *slot;
         AuthorizedFunc func;
 } PendingAuth;
-
-typedef struct BusData {
-        GList *pending;      /* PendingAuth* */
-        sd_bus_slot *object_slot;
-} BusData;
 
 static PendingAuth *pending_auth_free(PendingAuth *p) {
         if (!p)
@@ -55,12 +55,12 @@ static int reply_with(sd_bus_message *message, int r, sd_bus_error *error) {
 
 static int polkit_reply(sd_bus_message *reply, void *userdata, sd_bus_error *ret_error) {
         PendingAuth *p = userdata;
-        Manager *m = p->manager;
-        BusData *d = m->bus_data;
+        Bus *b = p->bus;
+        Manager *m = b->manager;
         sd_bus_error error = SD_BUS_ERROR_NULL;
         int authorized = 0, challenge = 0, r;
 
-        d->pending = g_list_remove(d->pending, p);
+        b->pending = g_list_remove(b->pending, p);
 
         if (sd_bus_message_is_method_error(reply, NULL)) {
                 const sd_bus_error *e = sd_bus_message_get_error(reply);
@@ -99,9 +99,9 @@ finish:
 /* Root and the service's own user may always change routing; anyone else is asked about at
  * polkit, asynchronously, and the call is answered when polkit answers. Returns 1 if the call
  * was handled (now or later). */
-static int verify_and_run(sd_bus_message *message, Manager *m, AuthorizedFunc func, sd_bus_error *error) {
+static int verify_and_run(sd_bus_message *message, Bus *b, AuthorizedFunc func, sd_bus_error *error) {
         g_autoptr(sd_bus_creds) creds = NULL;
-        BusData *d = m->bus_data;
+        Manager *m = b->manager;
         PendingAuth *p;
         uid_t uid;
         int r;
@@ -139,7 +139,7 @@ static int verify_and_run(sd_bus_message *message, Manager *m, AuthorizedFunc fu
                                          "Only the user running the router may change its routing.");
 
         p = g_new0(PendingAuth, 1);
-        p->manager = m;
+        p->bus = b;
         p->message = sd_bus_message_ref(message);
         p->func = func;
 
@@ -153,12 +153,12 @@ static int verify_and_run(sd_bus_message *message, Manager *m, AuthorizedFunc fu
                 pending_auth_free(p);
                 return r;
         }
-        d->pending = g_list_prepend(d->pending, p);
+        b->pending = g_list_prepend(b->pending, p);
         return 1;
 }
 
 static int no_such_provider(Manager *m, const char *name, sd_bus_error *error) {
-        g_autofree char *known = router_provider_list(m->router);
+        g_autofree char *known = provider_set_list(m->providers);
         return sd_bus_error_setf(error, BUS_ERROR_NO_SUCH_PROVIDER, "No provider '%s' is configured. Known providers: %s.",
                                  name, known);
 }
@@ -218,7 +218,7 @@ static int do_remove_model_mapping(sd_bus_message *message, Manager *m, bool app
         r = check_model(model, error);
         if (r < 0)
                 return r;
-        if (!g_hash_table_contains(m->router->mappings, model))
+        if (!router_get_route(m->router, model))
                 return sd_bus_error_setf(error, BUS_ERROR_NO_SUCH_MAPPING, "Model '%s' has no mapping.", model);
         if (!apply)
                 return 0;
@@ -320,8 +320,8 @@ static int append_stats_entry(sd_bus_message *reply, const char *name, const Pro
 
 static int method_get_stats(sd_bus_message *message, void *userdata, sd_bus_error *error) {
         g_autoptr(sd_bus_message) reply = NULL;
-        Manager *m = userdata;
-        g_auto(GStrv) names = router_provider_names(m->router);
+        Bus *b = userdata;
+        Manager *m = b->manager;
         g_autofree ProviderStats *total = g_new0(ProviderStats, 1);
         int r;
 
@@ -331,14 +331,14 @@ static int method_get_stats(sd_bus_message *message, void *userdata, sd_bus_erro
         r = sd_bus_message_open_container(reply, 'a', "{sa{sv}}");
         if (r < 0)
                 return r;
-        for (char **n = names; *n; n++) {
-                ProviderStats *s = stats_get(m->stats, *n);
-                r = append_stats_entry(reply, *n, s, health_state_to_string(health_state(m, *n)), m->stats, false);
+        PROVIDER_SET_FOREACH(p, m->providers) {
+                r = append_stats_entry(reply, p->name, p->stats, health_state_to_string(provider_state(p)),
+                                       &m->worker.stats, false);
                 if (r < 0)
                         return r;
         }
-        stats_total(m->stats, names, total);
-        r = append_stats_entry(reply, "*", total, NULL, m->stats, true);
+        provider_set_total(m->providers, total);
+        r = append_stats_entry(reply, "*", total, NULL, &m->worker.stats, true);
         if (r < 0)
                 return r;
         r = sd_bus_message_close_container(reply);
@@ -349,21 +349,25 @@ static int method_get_stats(sd_bus_message *message, void *userdata, sd_bus_erro
 
 static int property_get_default_provider(sd_bus *bus, const char *path, const char *interface, const char *property,
                                          sd_bus_message *reply, void *userdata, sd_bus_error *error) {
-        Manager *m = userdata;
-        return sd_bus_message_append(reply, "s", m->router->default_provider);
+        Bus *b = userdata;
+        return sd_bus_message_append(reply, "s", router_default_name(b->manager->router));
 }
 
 static int property_get_model_mappings(sd_bus *bus, const char *path, const char *interface, const char *property,
                                        sd_bus_message *reply, void *userdata, sd_bus_error *error) {
-        Manager *m = userdata;
+        Bus *b = userdata;
+        g_autofree const Route **routes = NULL;
+        unsigned n;
         int r;
 
         r = sd_bus_message_open_container(reply, 'a', "{ss}");
         if (r < 0)
                 return r;
-        for (guint i = 0; i < m->router->mapping_order->len; i++) {
-                const char *model = m->router->mapping_order->pdata[i];
-                r = sd_bus_message_append(reply, "{ss}", model, (const char *) g_hash_table_lookup(m->router->mappings, model));
+        routes = router_routes(b->manager->router, &n);
+        for (unsigned i = 0; i < n; i++) {
+                if (routes[i]->n_arms != 1)
+                        continue;
+                r = sd_bus_message_append(reply, "{ss}", routes[i]->model, routes[i]->arms[0].provider->name);
                 if (r < 0)
                         return r;
         }
@@ -372,22 +376,21 @@ static int property_get_model_mappings(sd_bus *bus, const char *path, const char
 
 static int property_get_providers(sd_bus *bus, const char *path, const char *interface, const char *property,
                                   sd_bus_message *reply, void *userdata, sd_bus_error *error) {
-        Manager *m = userdata;
-        g_auto(GStrv) names = router_provider_names(m->router);
+        Bus *b = userdata;
+        g_auto(GStrv) names = provider_set_names(b->manager->providers);
         return sd_bus_message_append_strv(reply, names);
 }
 
 static int property_get_provider_states(sd_bus *bus, const char *path, const char *interface, const char *property,
                                         sd_bus_message *reply, void *userdata, sd_bus_error *error) {
-        Manager *m = userdata;
+        Bus *b = userdata;
         int r;
 
         r = sd_bus_message_open_container(reply, 'a', "{ss}");
         if (r < 0)
                 return r;
-        for (guint i = 0; i < m->router->providers->len; i++) {
-                ProviderConfig *p = m->router->providers->pdata[i];
-                r = sd_bus_message_append(reply, "{ss}", p->name, health_state_to_string(health_state(m, p->name)));
+        PROVIDER_SET_FOREACH(p, b->manager->providers) {
+                r = sd_bus_message_append(reply, "{ss}", p->name, health_state_to_string(provider_state(p)));
                 if (r < 0)
                         return r;
         }
@@ -418,43 +421,38 @@ static const sd_bus_vtable router_vtable[] = {
         SD_BUS_VTABLE_END,
 };
 
-void bus_emit_routing_changed(Manager *m) {
+static void bus_on_manager(Manager *m, ManagerEvent event, void *userdata) {
+        Bus *b = userdata;
         int r;
 
-        if (!m->bus)
-                return;
-        r = sd_bus_emit_properties_changed(m->bus, BUS_PATH, BUS_INTERFACE, "DefaultProvider", "ModelMappings",
-                                           "Providers", "ProviderStates", NULL);
+        if (event == MANAGER_PROVIDER_STATES)
+                r = sd_bus_emit_properties_changed(b->bus, BUS_PATH, BUS_INTERFACE, "ProviderStates", NULL);
+        else
+                r = sd_bus_emit_properties_changed(b->bus, BUS_PATH, BUS_INTERFACE, "DefaultProvider", "ModelMappings",
+                                                   "Providers", "ProviderStates", NULL);
         if (r < 0)
                 log_debug_errno(r, "Failed to emit PropertiesChanged, ignoring: %m");
 }
 
-void bus_emit_provider_states_changed(Manager *m) {
-        int r;
-
-        if (!m->bus)
-                return;
-        r = sd_bus_emit_properties_changed(m->bus, BUS_PATH, BUS_INTERFACE, "ProviderStates", NULL);
-        if (r < 0)
-                log_debug_errno(r, "Failed to emit PropertiesChanged, ignoring: %m");
-}
-
-int bus_setup(Manager *m) {
+int bus_new(Manager *m, Bus **ret) {
+        g_autoptr(Bus) b = NULL;
         g_autoptr(sd_bus) bus = NULL;
-        BusData *d;
+        BusMode mode = m->options.bus_mode;
         int r;
 
-        if (m->options.bus_mode == BUS_MODE_NONE)
+        if (mode == BUS_MODE_NONE) {
+                *ret = NULL;
                 return 0;
+        }
 
-        r = m->options.bus_mode == BUS_MODE_SYSTEM ? sd_bus_open_system(&bus) : sd_bus_open_user(&bus);
+        r = mode == BUS_MODE_SYSTEM ? sd_bus_open_system(&bus) : sd_bus_open_user(&bus);
         if (r < 0)
-                return log_error_errno(r, "Failed to connect to the %s bus: %m", bus_mode_to_string(m->options.bus_mode));
+                return log_error_errno(r, "Failed to connect to the %s bus: %m", bus_mode_to_string(mode));
 
-        d = g_new0(BusData, 1);
-        m->bus_data = d;
+        b = g_new0(Bus, 1);
+        b->manager = m;
 
-        r = sd_bus_add_object_vtable(bus, &d->object_slot, BUS_PATH, BUS_INTERFACE, router_vtable, m);
+        r = sd_bus_add_object_vtable(bus, &b->object_slot, BUS_PATH, BUS_INTERFACE, router_vtable, b);
         if (r < 0)
                 return log_error_errno(r, "Failed to register the D-Bus object: %m");
 
@@ -465,24 +463,24 @@ int bus_setup(Manager *m) {
         r = sd_bus_request_name(bus, BUS_NAME, 0);
         if (r < 0)
                 return log_error_errno(r, "Failed to acquire the bus name " BUS_NAME " on the %s bus: %m",
-                                       bus_mode_to_string(m->options.bus_mode));
+                                       bus_mode_to_string(mode));
 
         /* If the bus goes away, so do we; systemd restarts the service. */
         (void) sd_bus_set_exit_on_disconnect(bus, true);
 
-        m->bus = TAKE_PTR(bus);
-        log_debug("Serving " BUS_NAME " on the %s bus.", bus_mode_to_string(m->options.bus_mode));
+        b->bus = TAKE_PTR(bus);
+        manager_add_listener(m, bus_on_manager, b);
+        log_debug("Serving " BUS_NAME " on the %s bus.", bus_mode_to_string(mode));
+        *ret = TAKE_PTR(b);
         return 0;
 }
 
-void bus_done(Manager *m) {
-        BusData *d = m->bus_data;
-
-        if (d) {
-                g_list_free_full(d->pending, pending_auth_destroy);
-                sd_bus_slot_unref(d->object_slot);
-                g_free(d);
-                m->bus_data = NULL;
-        }
-        m->bus = sd_bus_flush_close_unref(m->bus);
+Bus *bus_free(Bus *b) {
+        if (!b)
+                return NULL;
+        g_list_free_full(b->pending, pending_auth_destroy);
+        sd_bus_slot_unref(b->object_slot);
+        sd_bus_flush_close_unref(b->bus);
+        g_free(b);
+        return NULL;
 }

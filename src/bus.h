@@ -3,8 +3,12 @@
 
 #include "manager.h"
 
-/* The org.providerrouter.Router1 object on the system (or session) bus, on the router's loop. */
-int bus_setup(Manager *m);
-void bus_done(Manager *m);
-void bus_emit_routing_changed(Manager *m);
-void bus_emit_provider_states_changed(Manager *m);
+/* The org.providerrouter.Router1 object on the system (or session) bus, on the manager's loop:
+ * reads its state, calls its setters (root, the service's own user, or whoever polkit
+ * authorizes), and follows its changes with PropertiesChanged. */
+typedef struct Bus Bus;
+
+/* With BusMode none, *ret is NULL. */
+int bus_new(Manager *m, Bus **ret);
+Bus *bus_free(Bus *b);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(Bus, bus_free)

@@ -46,14 +46,14 @@ static uint64_t count_words(const char *s) {
 }
 
 /* Reads the reply text and a rough token count from the request. */
-static int echo_read_request(Request *r, char **ret_reply, uint64_t *ret_prompt_tokens, bool *ret_include_usage) {
+static int echo_read_request(const char *body, size_t body_size, char **ret_reply, uint64_t *ret_prompt_tokens, bool *ret_include_usage) {
         g_autoptr(JsonParser) parser = json_parser_new_immutable();
         g_autoptr(GString) reply = g_string_new(NULL);
         JsonObject *o;
         JsonNode *n;
         uint64_t words = 0;
 
-        if (!json_parser_load_from_data(parser, r->body, (gssize) r->body_size, NULL))
+        if (!json_parser_load_from_data(parser, body, (gssize) body_size, NULL))
                 return -EINVAL;
         o = json_node_get_object(json_parser_get_root(parser));
 
@@ -159,47 +159,48 @@ static void append_delta_chunk(GString *out, const char *id, gint64 created, con
         append_event(out, b);
 }
 
-void echo_respond(Request *r) {
+void echo_respond(Request *r, Provider *p, const ChatRequestInfo *info) {
         g_autofree char *reply = NULL, *id = NULL;
-        const char *model = r->info.model ?: (r->provider->default_model ?: "echo");
+        const char *model = info->model ?: (p->config->default_model ?: "echo");
         gint64 created = g_get_real_time() / G_USEC_PER_SEC;
         uint64_t prompt_tokens = 0, completion_tokens;
         bool include_usage = false;
-        struct MHD_Response *resp;
+        const char *body;
+        size_t body_size;
         char *data;
         size_t size;
 
-        if (r->endpoint != ENDPOINT_CHAT) {
-                request_respond_error(r, MHD_HTTP_BAD_REQUEST, "invalid_request_error", r->provider->name,
-                                      "Provider '%s' answers chat completions only.", r->provider->name);
+        if (!streq(strempty(r->subpath), "/chat/completions")) {
+                request_respond_error(r, 400, "invalid_request_error", p->name,
+                                      "Provider '%s' answers chat completions only.", p->name);
                 return;
         }
-        if (echo_read_request(r, &reply, &prompt_tokens, &include_usage) < 0) {
-                request_respond_error(r, MHD_HTTP_BAD_REQUEST, "invalid_request_error", r->provider->name,
-                                      "'messages' must be an array of messages.");
+        body = exchange_body(r->exchange, &body_size);
+        if (echo_read_request(body, body_size, &reply, &prompt_tokens, &include_usage) < 0) {
+                request_respond_error(r, 400, "invalid_request_error", p->name, "'messages' must be an array of messages.");
                 return;
         }
         completion_tokens = count_words(reply);
-        id = g_strconcat("chatcmpl-", r->request_id, NULL);
-        r->ttfb = now_usec(CLOCK_MONOTONIC) - r->start;
-        r->prompt_tokens = prompt_tokens;
-        r->completion_tokens = completion_tokens;
+        id = g_strconcat("chatcmpl-", r->record.request_id, NULL);
+        r->record.ttfb = worker_now(r->worker) - r->record.start;
+        r->record.prompt_tokens = prompt_tokens;
+        r->record.completion_tokens = completion_tokens;
 
-        if (r->info.stream) {
+        if (info->stream) {
                 g_autoptr(GString) out = g_string_new(NULL);
-                const char *p = reply;
+                const char *q0 = reply;
 
                 append_delta_chunk(out, id, created, model, "assistant", "", NULL);
                 /* One chunk per word, spaces kept, as a model would stream it. */
-                while (*p) {
-                        const char *q = p;
+                while (*q0) {
+                        const char *q = q0;
                         while (*q && g_ascii_isspace(*q))
                                 q++;
                         while (*q && !g_ascii_isspace(*q))
                                 q++;
-                        g_autofree char *piece = g_strndup(p, (gsize) (q - p));
+                        g_autofree char *piece = g_strndup(q0, (gsize) (q - q0));
                         append_delta_chunk(out, id, created, model, NULL, piece, NULL);
-                        p = q;
+                        q0 = q;
                 }
                 append_delta_chunk(out, id, created, model, NULL, NULL, "stop");
                 if (include_usage) {
@@ -215,10 +216,9 @@ void echo_respond(Request *r) {
                 g_string_append(out, "data: [DONE]\n\n");
                 size = out->len;
                 data = g_string_free(g_steal_pointer(&out), FALSE);
-                resp = MHD_create_response_from_buffer_with_free_callback(size, data, g_free);
-                (void) MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "text/event-stream");
-                (void) MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
-                (void) MHD_add_response_header(resp, "X-Accel-Buffering", "no");
+                exchange_add_header(r->exchange, "Content-Type", "text/event-stream");
+                exchange_add_header(r->exchange, "Cache-Control", "no-cache");
+                exchange_add_header(r->exchange, "X-Accel-Buffering", "no");
         } else {
                 g_autoptr(JsonBuilder) b = json_builder_new_immutable();
 
@@ -242,14 +242,10 @@ void echo_respond(Request *r) {
                 add_usage(b, prompt_tokens, completion_tokens);
                 json_builder_end_object(b);
                 data = json_builder_to_string(b, &size);
-                resp = MHD_create_response_from_buffer_with_free_callback(size, data, g_free);
-                (void) MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
+                exchange_add_header(r->exchange, "Content-Type", "application/json");
         }
 
-        if (r->manager->config->log_responses) {
-                r->logged_body_size = MIN(size, (size_t) 4096);
-                r->logged_body = g_strndup(data, r->logged_body_size);
-        }
-        r->bytes_out = size;
-        request_respond(r, MHD_HTTP_OK, resp);
+        if (r->worker->config->log_responses)
+                record_keep_response(&r->record, data, size);
+        request_respond(r, 200, data, size);
 }

@@ -7,9 +7,11 @@
 
 #include <systemd/sd-daemon.h>
 
+#include "bus.h"
 #include "config.h"
 #include "log.h"
 #include "manager.h"
+#include "state.h"
 
 static void help(void) {
         printf("%s [OPTIONS...]\n\n"
@@ -67,6 +69,7 @@ int main(int argc, char *argv[]) {
         };
         ManagerOptions o = { .bus_mode = BUS_MODE_SYSTEM };
         g_autoptr(Manager) m = NULL;
+        g_autoptr(Bus) bus = NULL;
         bool do_check = false;
         sigset_t mask;
         int c, r;
@@ -123,12 +126,21 @@ int main(int argc, char *argv[]) {
                 return EXIT_FAILURE;
         }
 
+        /* The manager owns the loop and the routing; the saved state and the D-Bus object follow
+         * its changes. Runtime routing changes outlive restarts until a reload. */
         r = manager_new(&o, &m);
-        if (r >= 0)
+        if (r >= 0) {
+                (void) state_attach(m);
                 r = manager_start(m);
+        }
         if (r >= 0)
+                r = bus_new(m, &bus);
+        if (r >= 0) {
+                manager_ready(m);
                 r = manager_run(m);
+        }
 
+        g_clear_pointer(&bus, bus_free);
         g_clear_pointer(&m, manager_free);
         curl_global_cleanup();
 

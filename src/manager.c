@@ -1,5 +1,4 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
-#include <inttypes.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -8,12 +7,14 @@
 
 #include <systemd/sd-daemon.h>
 
-#include "bus.h"
-#include "health.h"
+#include "dispatch.h"
 #include "log.h"
 #include "manager.h"
-#include "request.h"
-#include "state.h"
+
+typedef struct ManagerListener {
+        ManagerListenerFunc func;
+        void *userdata;
+} ManagerListener;
 
 static const char *const bus_mode_table[_BUS_MODE_MAX] = {
         [BUS_MODE_NONE] = "none",
@@ -34,41 +35,39 @@ BusMode bus_mode_from_string(const char *s) {
         return _BUS_MODE_INVALID;
 }
 
-static uint64_t splitmix64(uint64_t x) {
-        x += 0x9e3779b97f4a7c15ULL;
-        x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-        x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-        return x ^ (x >> 31);
+void manager_add_listener(Manager *m, ManagerListenerFunc func, void *userdata) {
+        ManagerListener l = { .func = func, .userdata = userdata };
+        g_array_append_val(m->listeners, l);
 }
 
-void manager_next_request_id(Manager *m, char *buf, size_t size) {
-        /* Unique within a run and unpredictable across runs, without a syscall per request. */
-        (void) snprintf(buf, size, "%016" PRIx64, splitmix64(m->request_id_seed + ++m->request_counter));
+static void manager_notify(Manager *m, ManagerEvent event) {
+        for (guint i = 0; i < m->listeners->len; i++) {
+                ManagerListener *l = &g_array_index(m->listeners, ManagerListener, i);
+                l->func(m, event, l->userdata);
+        }
 }
 
-void manager_request_added(Manager *m, Request *r) {
-        m->requests = g_list_prepend(m->requests, r);
-        r->link = m->requests;
-        m->n_requests++;
+static void manager_on_provider_state(Provider *p, void *userdata) {
+        manager_notify(userdata, MANAGER_PROVIDER_STATES);
 }
 
 static void manager_check_done(Manager *m) {
-        if (m->stopping && m->n_requests == 0) {
+        if (m->stopping && exchange_front_count(m->worker.front) == 0) {
                 log_debug("All requests finished, exiting.");
                 (void) sd_event_exit(m->event, 0);
         }
 }
 
-void manager_request_removed(Manager *m, Request *r) {
-        m->requests = g_list_delete_link(m->requests, r->link);
-        r->link = NULL;
-        g_assert(m->n_requests > 0);
-        m->n_requests--;
-        manager_check_done(m);
-}
+/* The worker sees the snapshot the manager holds now. */
+static void manager_publish(Manager *m) {
+        Worker *w = &m->worker;
 
-static void manager_apply_log_settings(Manager *m) {
-        log_set_max_level(m->config->log_level);
+        w->config = m->config;
+        w->providers = m->providers;
+        w->router = m->router;
+        w->stopping = m->stopping;
+        if (w->front)
+                exchange_front_set_limits(w->front, m->config->max_body_size, (size_t) m->config->stream_buffer_size);
 }
 
 static int manager_load_config(Manager *m, Config **ret, char **ret_error) {
@@ -100,18 +99,27 @@ static int manager_load_config(Manager *m, Config **ret, char **ret_error) {
         return 0;
 }
 
-static void manager_update_status(Manager *m) {
-        g_autofree char *where = m->http ? http_server_describe(m->http) : NULL;
-        (void) sd_notifyf(false, "STATUS=Routing to '%s' by default on %s", m->router->default_provider, strna(where));
+/* A provider set and route table for config, carrying over what the current set knows. */
+static void manager_build(Manager *m, Config *c, ProviderSet **ret_providers, Router **ret_router) {
+        ProviderSetSetup setup = {
+                .event = m->event,
+                .curl = m->curl,
+                .state_changed = manager_on_provider_state,
+                .userdata = m,
+        };
+
+        *ret_providers = provider_set_new(c, m->providers, &setup);
+        *ret_router = router_new(c, *ret_providers);
 }
 
-static void manager_routing_changed(Manager *m, bool save) {
-        if (save) {
-                int r = state_save(m);
-                if (r < 0)
-                        log_warning_errno(r, "Failed to save the routing state, the change is not persistent: %m");
-        }
-        bus_emit_routing_changed(m);
+static void manager_update_status(Manager *m) {
+        g_autofree char *where = m->worker.front ? exchange_front_describe(m->worker.front) : NULL;
+        (void) sd_notifyf(false, "STATUS=Routing to '%s' by default on %s", strna(router_default_name(m->router)),
+                          strna(where));
+}
+
+static void manager_routing_changed(Manager *m) {
+        manager_notify(m, MANAGER_ROUTING_CHANGED);
         manager_update_status(m);
 }
 
@@ -120,7 +128,7 @@ int manager_set_default_provider(Manager *m, const char *name) {
         if (r <= 0)
                 return r;
         log_info("Default provider is now '%s'.", name);
-        manager_routing_changed(m, true);
+        manager_routing_changed(m);
         return 1;
 }
 
@@ -129,7 +137,7 @@ int manager_set_model_mapping(Manager *m, const char *model, const char *provide
         if (r <= 0)
                 return r;
         log_info("Model '%s' is now routed to provider '%s'.", model, provider);
-        manager_routing_changed(m, true);
+        manager_routing_changed(m);
         return 1;
 }
 
@@ -138,15 +146,14 @@ int manager_remove_model_mapping(Manager *m, const char *model) {
         if (r <= 0)
                 return r;
         log_info("Model mapping for '%s' removed.", model);
-        manager_routing_changed(m, true);
+        manager_routing_changed(m);
         return 1;
 }
 
 int manager_reload(Manager *m, char **ret_error) {
         g_autoptr(Config) c = NULL;
-        g_auto(GStrv) names = NULL;
-        Router *old_router;
-        Config *old_config;
+        ProviderSet *providers;
+        Router *router;
         int r;
 
         (void) sd_notifyf(false, "RELOADING=1\nSTATUS=Reloading configuration…");
@@ -161,32 +168,32 @@ int manager_reload(Manager *m, char **ret_error) {
         if (!streq(c->host, m->config->host) || c->port != m->config->port)
                 log_notice("Host=/Port= changes take effect when the service restarts; the listening sockets stay.");
 
-        /* Swap: requests in flight hold their own provider references and finish as they began. */
-        old_router = m->router;
-        old_config = m->config;
+        /* Swap: requests in flight hold their provider set and finish as they began; the old
+         * set stops probing. */
+        manager_build(m, c, &providers, &router);
+        provider_set_retire(m->providers);
+        router_free(m->router);
+        provider_set_unref(m->providers);
+        config_free(m->config);
         m->config = TAKE_PTR(c);
-        m->router = router_new(m->config);
-        router_free(old_router);
-        config_free(old_config);
-
-        names = router_provider_names(m->router);
-        stats_prune(m->stats, names);
-        health_prune(m, names);
-        manager_apply_log_settings(m);
-
-        /* A reload returns routing to what the files say: runtime changes are dropped. */
-        (void) state_clear(m);
+        m->providers = providers;
+        m->router = router;
+        manager_publish(m);
+        log_set_max_level(m->config->log_level);
 
         log_info("Configuration reloaded: %u provider(s), default '%s', %u model mapping(s).",
-                 m->router->providers->len, m->router->default_provider, m->router->mapping_order->len);
+                 provider_set_size(m->providers), router_default_name(m->router), router_n_routes(m->router));
         (void) sd_notify(false, "READY=1");
-        manager_routing_changed(m, false);
+        /* A reload returns routing to what the files say: runtime changes are dropped. */
+        manager_notify(m, MANAGER_RELOADED);
+        manager_update_status(m);
         return 0;
 }
 
 static int manager_on_shutdown_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
         Manager *m = userdata;
-        log_warning("%u request(s) still running after ShutdownTimeoutSec=, exiting anyway.", m->n_requests);
+        log_warning("%u request(s) still running after ShutdownTimeoutSec=, exiting anyway.",
+                    exchange_front_count(m->worker.front));
         (void) sd_event_exit(m->event, 0);
         return 0;
 }
@@ -197,11 +204,16 @@ void manager_begin_shutdown(Manager *m) {
         if (m->stopping)
                 return;
         m->stopping = true;
+        manager_publish(m);
         (void) sd_notify(false, "STOPPING=1\nSTATUS=Finishing requests in flight…");
-        log_info("Stopping: no new connections; waiting for %u request(s) in flight.", m->n_requests);
+        log_info("Stopping: no new connections; waiting for %u request(s) in flight.",
+                 m->worker.front ? exchange_front_count(m->worker.front) : 0);
 
-        if (m->http)
-                http_server_quiesce(m->http);
+        if (!m->worker.front) {
+                (void) sd_event_exit(m->event, 0);
+                return;
+        }
+        exchange_front_quiesce(m->worker.front);
 
         r = sd_event_add_time_relative(m->event, &m->shutdown_timer, CLOCK_MONOTONIC,
                                        m->config->shutdown_timeout_usec, 0, manager_on_shutdown_timeout, m);
@@ -233,8 +245,14 @@ static int manager_on_sighup(sd_event_source *s, const struct signalfd_siginfo *
         return 0;
 }
 
+/* Runs after every loop iteration: log lines go out in one write, and a stopping daemon sees
+ * whether the last request has ended. */
 static int manager_on_post(sd_event_source *s, void *userdata) {
+        Manager *m = userdata;
+
         log_flush();
+        if (m->stopping)
+                manager_check_done(m);
         return 0;
 }
 
@@ -256,22 +274,32 @@ int manager_new(const ManagerOptions *options, Manager **ret) {
 
         m->options = *options;
         m->config_path = g_strdup(options->config_path ?: CONFIG_FILE);
-        m->started_usec = now_usec(CLOCK_MONOTONIC);
-        if (getrandom(&seed, sizeof(seed), GRND_NONBLOCK) != sizeof(seed))
-                seed = now_usec(CLOCK_REALTIME) ^ (uint64_t) getpid();
-        m->request_id_seed = seed;
+        m->listeners = g_array_new(FALSE, FALSE, sizeof(ManagerListener));
 
         r = manager_load_config(m, &m->config, NULL);
         if (r < 0)
                 return r;
-        manager_apply_log_settings(m);
-        m->router = router_new(m->config);
-        m->stats = stats_new();
-        m->health = health_table_new();
+        log_set_max_level(m->config->log_level);
 
         r = sd_event_default(&m->event);
         if (r < 0)
                 return log_error_errno(r, "Failed to allocate the event loop: %m");
+        r = curl_glue_new(m->event, &m->curl);
+        if (r < 0)
+                return log_error_errno(r, "Failed to set up libcurl: %m");
+
+        manager_build(m, m->config, &m->providers, &m->router);
+
+        if (getrandom(&seed, sizeof(seed), GRND_NONBLOCK) != sizeof(seed))
+                seed = now_usec(CLOCK_REALTIME) ^ (uint64_t) getpid();
+        m->worker = (Worker) {
+                .event = m->event,
+                .curl = m->curl,
+                .started_usec = now_usec(CLOCK_MONOTONIC),
+                .request_id_seed = seed,
+        };
+        stats_init(&m->worker.stats);
+        manager_publish(m);
 
         *ret = TAKE_PTR(m);
         return 0;
@@ -280,25 +308,18 @@ int manager_new(const ManagerOptions *options, Manager **ret) {
 Manager *manager_free(Manager *m) {
         if (!m)
                 return NULL;
-
-        /* Connections still parked must be let go before MHD can stop. */
-        for (GList *l = m->requests; l; l = l->next) {
-                Request *r = l->data;
-                if (r->upstream)
-                        r->upstream = upstream_free(r->upstream);
-                r->client_gone = true;
-                request_wake(r);
-        }
-        bus_done(m);
-        http_server_free(m->http);
-        if (m->health)
-                g_hash_table_unref(m->health); /* probes are transfers: before curl goes */
-        curl_glue_free(m->curl);
+        /* Stopping the front end completes the requests still open, which may still use
+         * everything below. */
+        m->worker.front = exchange_front_free(m->worker.front);
         sd_event_source_disable_unref(m->shutdown_timer);
-        sd_event_source_disable_unref(m->hup_sweep);
+        if (m->providers)
+                provider_set_retire(m->providers);
         router_free(m->router);
+        provider_set_unref(m->providers);
+        curl_glue_free(m->curl);
         config_free(m->config);
-        stats_free(m->stats);
+        if (m->listeners)
+                g_array_unref(m->listeners);
         g_free(m->config_path);
         sd_event_unref(m->event);
         g_free(m);
@@ -306,7 +327,6 @@ Manager *manager_free(Manager *m) {
 }
 
 int manager_start(Manager *m) {
-        g_autofree char *where = NULL;
         int r;
 
         raise_fd_limit();
@@ -319,50 +339,42 @@ int manager_start(Manager *m) {
         if (r < 0)
                 return log_error_errno(r, "Failed to watch signals: %m");
 
-        if (log_get_target() == LOG_TARGET_STDERR) {
-                r = sd_event_add_post(m->event, NULL, manager_on_post, m);
-                if (r < 0)
-                        return log_error_errno(r, "Failed to set up log flushing: %m");
+        if (log_get_target() == LOG_TARGET_STDERR)
                 log_buffer_requests();
-        }
+        r = sd_event_add_post(m->event, NULL, manager_on_post, m);
+        if (r < 0)
+                return log_error_errno(r, "Failed to set up log flushing: %m");
 
         /* Feeds the watchdog from the loop itself, so a stuck loop is noticed. */
         r = sd_event_set_watchdog(m->event, true);
         if (r < 0)
                 log_warning_errno(r, "Failed to enable the watchdog, ignoring: %m");
 
-        r = curl_glue_new(m->event, &m->curl);
-        if (r < 0)
-                return log_error_errno(r, "Failed to set up libcurl: %m");
-
-        /* Runtime routing changes outlive restarts until a reload. */
-        (void) state_load(m); /* logs why it could not */
-
-        HttpServerSettings hs = {
-                .host = m->config->host,
-                .port = m->config->port,
-                .max_connections = m->config->max_connections,
-                .connection_timeout_sec = (unsigned) MAX(m->config->client_timeout_usec / USEC_PER_SEC, (usec_t) 1),
-                .connection_memory_limit = (size_t) m->config->max_header_size,
-                .handler = request_access_handler,
-                .completed = request_completed,
-                .userdata = m,
+        ExchangeFrontSetup fs = {
+                .http = {
+                        .host = m->config->host,
+                        .port = m->config->port,
+                        .max_connections = m->config->max_connections,
+                        .connection_timeout_sec = (unsigned) MAX(m->config->client_timeout_usec / USEC_PER_SEC, (usec_t) 1),
+                        .connection_memory_limit = (size_t) m->config->max_header_size,
+                },
+                .max_body_size = m->config->max_body_size,
+                .stream_buffer_size = (size_t) m->config->stream_buffer_size,
+                .start = dispatch_start,
+                .ops = &dispatch_ops,
+                .userdata = &m->worker,
         };
-        r = http_server_new(m->event, &hs, &m->http);
-        if (r < 0)
-                return r;
+        return exchange_front_new(m->event, &fs, &m->worker.front);
+}
 
-        r = bus_setup(m);
-        if (r < 0)
-                return r;
+void manager_ready(Manager *m) {
+        g_autofree char *where = exchange_front_describe(m->worker.front);
 
-        where = http_server_describe(m->http);
         log_info("provider-router %s listening on %s%s; default provider '%s', %u provider(s).", PACKAGE_VERSION,
-                 where, http_server_socket_activated(m->http) ? " (socket activated)" : "",
-                 m->router->default_provider, m->router->providers->len);
+                 where, exchange_front_socket_activated(m->worker.front) ? " (socket activated)" : "",
+                 router_default_name(m->router), provider_set_size(m->providers));
         (void) sd_notify(false, "READY=1");
         manager_update_status(m);
-        return 0;
 }
 
 int manager_run(Manager *m) {

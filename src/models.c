@@ -4,14 +4,15 @@
 #include "json-util.h"
 #include "log.h"
 #include "models.h"
-#include "request.h"
 
 #define MODELS_TIMEOUT_USEC (10 * USEC_PER_SEC)
 #define MODELS_MAX_SIZE (4 * 1024 * 1024)
 
+typedef struct ModelsQuery ModelsQuery;
+
 typedef struct ModelsFetch {
         ModelsQuery *query;
-        ProviderConfig *provider;
+        Provider *provider;
         Upstream *upstream;
         GByteArray *body;
         long status;
@@ -21,7 +22,7 @@ typedef struct ModelsFetch {
 struct ModelsQuery {
         Request *request;
         GPtrArray *fetches;        /* ModelsFetch* */
-        ProviderConfig *only;      /* X-Provider */
+        Provider *only;            /* X-Provider */
         unsigned pending;
 };
 
@@ -29,7 +30,6 @@ static void models_fetch_free(ModelsFetch *f) {
         if (!f)
                 return;
         upstream_free(f->upstream);
-        provider_config_unref(f->provider);
         if (f->body)
                 g_byte_array_unref(f->body);
         g_free(f);
@@ -39,11 +39,10 @@ static void models_fetch_destroy(gpointer f) {
         models_fetch_free(f);
 }
 
-ModelsQuery *models_query_free(ModelsQuery *q) {
+static ModelsQuery *models_query_free(ModelsQuery *q) {
         if (!q)
                 return NULL;
         g_ptr_array_unref(q->fetches);
-        provider_config_unref(q->only);
         g_free(q);
         return NULL;
 }
@@ -108,7 +107,7 @@ static void add_listed_models(JsonBuilder *b, GHashTable *seen, ModelsFetch *f) 
                 add_model(b, seen, *id, f->provider->name);
 }
 
-static ModelsFetch *find_fetch(ModelsQuery *q, ProviderConfig *p) {
+static ModelsFetch *find_fetch(ModelsQuery *q, Provider *p) {
         for (guint i = 0; i < q->fetches->len; i++) {
                 ModelsFetch *f = q->fetches->pdata[i];
                 if (f->provider == p)
@@ -119,19 +118,20 @@ static ModelsFetch *find_fetch(ModelsQuery *q, ProviderConfig *p) {
 
 static void models_finish(ModelsQuery *q) {
         Request *r = q->request;
-        Router *router = r->manager->router;
+        Router *router = r->worker->router;
         g_autoptr(JsonBuilder) b = json_builder_new_immutable();
         g_autoptr(GHashTable) seen = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
+        g_autofree const Route **routes = NULL;
+        unsigned n_routes;
         size_t size;
         char *json;
 
-        if (q->only && q->only->kind == PROVIDER_KIND_OPENAI) {
+        if (q->only && q->only->config->kind == PROVIDER_KIND_OPENAI) {
                 ModelsFetch *f = find_fetch(q, q->only);
                 if (!f || !f->ok) {
-                        r->error_class = ERROR_CLASS_CONNECT;
-                        request_respond_error(r, MHD_HTTP_BAD_GATEWAY, "connection_error", q->only->name,
+                        r->record.error_class = ERROR_CLASS_CONNECT;
+                        request_respond_error(r, 502, "connection_error", q->only->name,
                                               "Provider '%s' did not list its models.", q->only->name);
-                        r->models = models_query_free(q);
                         return;
                 }
         }
@@ -142,8 +142,8 @@ static void models_finish(ModelsQuery *q) {
         json_builder_set_member_name(b, "data");
         json_builder_begin_array(b);
 
-        for (guint i = 0; i < router->providers->len; i++) {
-                ProviderConfig *p = router->providers->pdata[i];
+        PROVIDER_SET_FOREACH(p, r->providers) {
+                const ProviderConfig *pc = p->config;
                 ModelsFetch *f;
 
                 if (q->only && p != q->only)
@@ -151,25 +151,29 @@ static void models_finish(ModelsQuery *q) {
                 f = find_fetch(q, p);
                 if (f)
                         add_listed_models(b, seen, f);
-                if (p->kind == PROVIDER_KIND_ECHO)
+                if (pc->kind == PROVIDER_KIND_ECHO)
                         add_model(b, seen, p->name, p->name);
-                add_model(b, seen, p->default_model, p->name);
-                for (char **m = p->models; m && *m; m++)
+                add_model(b, seen, pc->default_model, p->name);
+                for (char **m = pc->models; m && *m; m++)
                         add_model(b, seen, *m, p->name);
         }
         /* Mapped names are models a client can ask for, whatever the providers list. */
-        for (guint i = 0; i < router->mapping_order->len; i++) {
-                const char *model = router->mapping_order->pdata[i];
-                const char *provider = g_hash_table_lookup(router->mappings, model);
-                if (!q->only || streq(provider, q->only->name))
-                        add_model(b, seen, model, provider);
+        routes = router_routes(router, &n_routes);
+        for (unsigned i = 0; i < n_routes; i++) {
+                const Route *rt = routes[i];
+                for (unsigned j = 0; j < rt->n_arms; j++) {
+                        const char *provider = rt->arms[j].provider->name;
+                        if (!q->only || streq(provider, q->only->name)) {
+                                add_model(b, seen, rt->model, provider);
+                                break;
+                        }
+                }
         }
 
         json_builder_end_array(b);
         json_builder_end_object(b);
         json = json_builder_to_string(b, &size);
-        request_respond_json(r, MHD_HTTP_OK, json, size);
-        r->models = models_query_free(q);
+        request_respond_json(r, 200, json, size);
 }
 
 static void models_on_response(Upstream *u, void *userdata) {
@@ -206,54 +210,53 @@ static const UpstreamOps models_ops = {
         .on_done = models_on_done,
 };
 
-void models_dispatch(Request *r) {
-        Manager *m = r->manager;
+static void models_start(Request *r) {
+        Worker *w = r->worker;
         ModelsQuery *q;
         const char *header = request_header(r, "X-Provider");
 
         q = g_new0(ModelsQuery, 1);
         q->request = r;
         q->fetches = g_ptr_array_new_with_free_func(models_fetch_destroy);
-        r->models = q;
+        r->data = q;
 
-        if (m->router->allow_override && !isempty(header)) {
-                ProviderConfig *p = router_find(m->router, header);
+        if (w->router->allow_override && !isempty(header)) {
+                Provider *p = provider_set_find(r->providers, header);
                 if (!p) {
-                        g_autofree char *known = router_provider_list(m->router);
-                        r->models = models_query_free(q);
-                        request_respond_error(r, MHD_HTTP_BAD_REQUEST, "invalid_request_error", NULL,
+                        g_autofree char *known = provider_set_list(r->providers);
+                        request_respond_error(r, 400, "invalid_request_error", NULL,
                                               "Unknown provider '%s' in the X-Provider header. Known providers: %s.",
                                               header, known);
                         return;
                 }
-                q->only = provider_config_ref(p);
-                r->provider = provider_config_ref(p);
+                q->only = p;
+                r->record.provider = p->name;
         }
 
-        for (guint i = 0; i < m->router->providers->len; i++) {
-                ProviderConfig *p = m->router->providers->pdata[i];
+        PROVIDER_SET_FOREACH(p, r->providers) {
+                const ProviderConfig *pc = p->config;
                 ModelsFetch *f;
                 int k;
 
-                if (p->kind != PROVIDER_KIND_OPENAI || (q->only && p != q->only))
+                if (pc->kind != PROVIDER_KIND_OPENAI || (q->only && p != q->only))
                         continue;
 
                 f = g_new0(ModelsFetch, 1);
                 f->query = q;
-                f->provider = provider_config_ref(p);
-                        f->body = g_byte_array_new();
+                f->provider = p;
+                f->body = g_byte_array_new();
                 g_ptr_array_add(q->fetches, f);
 
                 UpstreamRequest req = {
-                        .url = p->models_url,
-                        .api_key = p->api_key,
+                        .url = pc->models_url,
+                        .api_key = pc->api_key,
                         .authorization = request_upstream_authorization(r, p),
-                        .request_id = r->request_id,
-                        .connect_timeout = MIN(p->connect_timeout_usec, MODELS_TIMEOUT_USEC),
+                        .request_id = r->record.request_id,
+                        .connect_timeout = MIN(pc->connect_timeout_usec, MODELS_TIMEOUT_USEC),
                         .first_byte_timeout = MODELS_TIMEOUT_USEC,
                         .total_timeout = MODELS_TIMEOUT_USEC,
                 };
-                k = upstream_start(m->curl, m->event, &req, &models_ops, f, &f->upstream);
+                k = upstream_start(w->curl, w->event, &req, &models_ops, f, &f->upstream);
                 if (k < 0) {
                         log_debug_errno(k, "Failed to ask provider '%s' for its models: %m", p->name);
                         continue;
@@ -264,3 +267,24 @@ void models_dispatch(Request *r) {
         if (q->pending == 0)
                 models_finish(q);
 }
+
+static void models_cancel(Request *r) {
+        ModelsQuery *q = r->data;
+
+        /* Transfers still running stop with their fetches. */
+        for (guint i = 0; q && i < q->fetches->len; i++) {
+                ModelsFetch *f = q->fetches->pdata[i];
+                f->upstream = upstream_free(f->upstream);
+        }
+}
+
+static void models_free(Request *r) {
+        r->data = models_query_free(r->data);
+}
+
+const Handler models_handler = {
+        .name = "models",
+        .start = models_start,
+        .cancel = models_cancel,
+        .free = models_free,
+};

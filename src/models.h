@@ -3,13 +3,11 @@
 
 #include <stddef.h>
 
-typedef struct Request Request;
-typedef struct ModelsQuery ModelsQuery;
+#include "request.h"
 
 /* GET /v1/models: asks every provider (or the one named by X-Provider) for its list at once and
  * answers with the union, plus configured and mapped model names. */
-void models_dispatch(Request *r);
-ModelsQuery *models_query_free(ModelsQuery *q);
+extern const Handler models_handler;
 
 /* The model ids of a provider's GET /models answer (the OpenAI list shape) that are valid model
  * names, in order, NULL-terminated. Returns 0, or -EINVAL if the answer is not such a list. */

@@ -1,11 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #pragma once
 
-typedef struct Request Request;
+#include "request.h"
 
-/* POST /v1/chat/completions and friends: inspect, route, relay. */
-void proxy_dispatch(Request *r);
-/* Stops whatever is under way for the request: its transfer, a back-off before a retry. */
-void proxy_cancel(Request *r);
-/* Makes the answer of a stream whose first event is in (or which is already complete). */
-void proxy_respond_pending(Request *r);
+/* POST /v1/chat/completions and the other model APIs: inspect, route, relay. */
+extern const Handler proxy_handler;

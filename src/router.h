@@ -1,42 +1,73 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #pragma once
 
-#include "config.h"
+#include "provider.h"
 
 typedef enum RouteReason {
         ROUTE_HEADER,   /* X-Provider: NAME */
-        ROUTE_MAPPING,  /* [ModelMappings] or SetModelMapping() */
+        ROUTE_MAPPING,  /* [ModelMappings], [Route MODEL] or set over D-Bus */
         ROUTE_DEFAULT,
         _ROUTE_REASON_MAX,
 } RouteReason;
 
 const char *route_reason_to_string(RouteReason r);
 
-/* The routing table: who serves which request. Replaced as a whole on reload and changed in
- * place by D-Bus calls; a request resolves its provider once, so later changes never touch it. */
+typedef struct RouteArm {
+        Provider *provider;        /* borrowed from the router's provider set */
+        uint32_t weight;           /* >= 1 */
+} RouteArm;
+
+/* Who serves a model: one provider, or several by weight (an A/B split). */
+typedef struct Route {
+        char *model;               /* "*" for the default route */
+        RouteArm *arms;
+        unsigned n_arms;
+        uint64_t total_weight;
+        uint64_t seq;              /* creation order, for stable listings */
+} Route;
+
+/* The routing table: who serves which request. Made from the configuration over one provider
+ * set, replaced as a whole on reload, changed in place by D-Bus calls; a request resolves its
+ * provider once, so later changes never touch it. */
 typedef struct Router {
-        GPtrArray *providers;      /* ProviderConfig* (owned refs), configuration order */
-        GHashTable *by_name;       /* name → ProviderConfig* (borrowed from providers) */
-        char *default_provider;
-        GHashTable *mappings;      /* model → provider name */
-        GPtrArray *mapping_order;  /* model names, stable order */
+        ProviderSet *providers;    /* ref */
+        Route *default_route;
+        GHashTable *routes;        /* model → Route* (owned) */
+        uint64_t next_seq;
         bool allow_override;
 } Router;
 
-Router *router_new(const Config *c);
+Router *router_new(const Config *c, ProviderSet *providers);
 Router *router_free(Router *r);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(Router, router_free)
 
-ProviderConfig *router_find(const Router *r, const char *name);
+Provider *router_find(const Router *r, const char *name);
 
-/* header may be NULL (no X-Provider), model may be NULL (body had none). Returns -ENOENT when
- * the header names an unknown provider. The provider is borrowed: take a ref to keep it. */
-int router_pick(const Router *r, const char *header, const char *model, ProviderConfig **ret,
-                RouteReason *ret_reason);
+typedef struct RoutePick {
+        Provider *provider;        /* borrowed */
+        const Route *route;        /* the route it came from; NULL for X-Provider */
+        RouteReason reason;
+} RoutePick;
+
+/* header may be NULL (no X-Provider), model may be NULL (body had none), sticky_key may be NULL
+ * (no stickiness: arms are drawn by weight). Arms that are not available now give their share to
+ * the others. Returns -ENOENT when the header names an unknown provider. */
+int router_pick(const Router *r, const char *header, const char *model, const char *sticky_key, usec_t now,
+                RoutePick *ret);
 
 int router_set_default(Router *r, const char *name);
+/* One provider for a model; returns 1 if changed, 0 if it was so already. */
 int router_set_mapping(Router *r, const char *model, const char *provider);
 int router_remove_mapping(Router *r, const char *model);
+
+/* Read access for listings and the saved state. */
+const char *router_default_name(const Router *r);
+/* The single provider a model is mapped to, or NULL (none, or a split). */
+const char *router_mapping(const Router *r, const char *model);
+const Route *router_get_route(const Router *r, const char *model);
+unsigned router_n_routes(const Router *r);
+/* Routes in creation order; free the array (not the routes) with g_free(). */
+const Route **router_routes(const Router *r, unsigned *ret_n);
 
 /* "a, b, c", for error messages. */
 char *router_provider_list(const Router *r);

@@ -112,6 +112,34 @@ const char *sse_event_data(const char *event, size_t size, size_t *ret_size) {
         return NULL;
 }
 
+GString *sse_event_data_joined(const char *event, size_t size) {
+        const char *p = event, *end = event + size;
+        GString *s = NULL;
+
+        while (p < end) {
+                const char *eol = p;
+                while (eol < end && *eol != '\n' && *eol != '\r')
+                        eol++;
+                if ((size_t) (eol - p) >= 5 && memcmp(p, "data:", 5) == 0) {
+                        const char *d = p + 5;
+                        if (d < eol && *d == ' ')
+                                d++;
+                        if (!s)
+                                s = g_string_sized_new((gsize) (eol - d));
+                        else
+                                g_string_append_c(s, '\n');
+                        g_string_append_len(s, d, (gssize) (eol - d));
+                }
+                p = eol;
+                /* One line ending: CRLF, CR or LF. */
+                if (p < end && *p == '\r')
+                        p++;
+                if (p < end && *p == '\n')
+                        p++;
+        }
+        return s;
+}
+
 char *sse_format_error(const char *type, const char *message, const char *provider, size_t *ret_size) {
         g_autofree char *json = json_error_body(type, message, provider, NULL);
         char *s = g_strconcat("data: ", json, "\n\n", NULL);

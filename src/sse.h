@@ -5,6 +5,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "util.h"
+
 /* Finds event boundaries in a server-sent event stream as it arrives, in any chunking, with any
  * of the three line endings the format allows. The router forwards whole events only, so that
  * when a provider fails mid-stream it can end the client's stream with an error event that is
@@ -30,6 +32,10 @@ void sse_scanner_consumed(SseScanner *s, size_t n);
 /* Returns the payload of the first "data:" line of an event (without the field name and the one
  * optional space), or NULL. */
 const char *sse_event_data(const char *event, size_t size, size_t *ret_size);
+
+/* The payload of every "data:" line of an event, joined with "\n" as the format says; NULL if it
+ * has none. */
+GString *sse_event_data_joined(const char *event, size_t size);
 
 /* "data: {"error":{...}}\n\n" — how the router ends a stream that failed midway. */
 char *sse_format_error(const char *type, const char *message, const char *provider, size_t *ret_size);

@@ -37,31 +37,36 @@ static char *state_key_escape(const char *model) {
 }
 
 int state_save(Manager *m) {
-        g_autoptr(Router) base = router_new(m->config);
+        g_autoptr(Router) base = router_new(m->config, m->providers);
         g_autoptr(GKeyFile) kf = g_key_file_new();
         g_autofree char *path = state_file_path(), *data = NULL, *dir = NULL;
+        g_autofree const Route **routes = NULL;
         g_autoptr(GError) error = NULL;
         Router *cur = m->router;
         bool any = false;
-        gsize n;
+        unsigned n;
+        gsize size;
 
-        if (!streq(cur->default_provider, base->default_provider)) {
-                g_key_file_set_string(kf, "Routing", "DefaultProvider", cur->default_provider);
+        if (!streq(router_default_name(cur), router_default_name(base))) {
+                g_key_file_set_string(kf, "Routing", "DefaultProvider", router_default_name(cur));
                 any = true;
         }
-        for (guint i = 0; i < cur->mapping_order->len; i++) {
-                const char *model = cur->mapping_order->pdata[i];
-                const char *p = g_hash_table_lookup(cur->mappings, model);
-                const char *q = g_hash_table_lookup(base->mappings, model);
-                if (!q || !streq(p, q)) {
+        routes = router_routes(cur, &n);
+        for (unsigned i = 0; i < n; i++) {
+                const char *model = routes[i]->model;
+                const char *p = router_mapping(cur, model);
+                const char *q = router_mapping(base, model);
+                if (p && (!q || !streq(p, q))) {
                         g_autofree char *key = state_key_escape(model);
                         g_key_file_set_string(kf, "SetModelMappings", key, p);
                         any = true;
                 }
         }
-        for (guint i = 0; i < base->mapping_order->len; i++) {
-                const char *model = base->mapping_order->pdata[i];
-                if (!g_hash_table_contains(cur->mappings, model)) {
+        g_clear_pointer(&routes, g_free);
+        routes = router_routes(base, &n);
+        for (unsigned i = 0; i < n; i++) {
+                const char *model = routes[i]->model;
+                if (!router_get_route(cur, model)) {
                         g_autofree char *key = state_key_escape(model);
                         g_key_file_set_string(kf, "RemovedModelMappings", key, "");
                         any = true;
@@ -75,10 +80,10 @@ int state_save(Manager *m) {
                                " Routing changed at runtime over D-Bus, as differences from the configuration.\n"
                                " Written by provider-router; 'provider-routerctl reload' returns to the files.",
                                NULL);
-        data = g_key_file_to_data(kf, &n, NULL);
+        data = g_key_file_to_data(kf, &size, NULL);
         dir = g_path_get_dirname(path);
         (void) g_mkdir_with_parents(dir, 0755);
-        if (!g_file_set_contents_full(path, data, (gssize) n,
+        if (!g_file_set_contents_full(path, data, (gssize) size,
                                       G_FILE_SET_CONTENTS_CONSISTENT | G_FILE_SET_CONTENTS_DURABLE, 0640, &error))
                 return log_debug_errno(EIO, "Failed to write %s: %s", path, error->message);
         log_debug("Routing state saved to %s.", path);
@@ -137,4 +142,27 @@ int state_clear(Manager *m) {
         if (unlink(path) < 0 && errno != ENOENT)
                 return log_debug_errno(errno, "Failed to remove %s: %m", path);
         return 0;
+}
+
+static void state_on_manager(Manager *m, ManagerEvent event, void *userdata) {
+        int r;
+
+        switch (event) {
+        case MANAGER_ROUTING_CHANGED:
+                r = state_save(m);
+                if (r < 0)
+                        log_warning_errno(r, "Failed to save the routing state, the change is not persistent: %m");
+                break;
+        case MANAGER_RELOADED:
+                (void) state_clear(m);
+                break;
+        default:
+                break;
+        }
+}
+
+int state_attach(Manager *m) {
+        int r = state_load(m); /* logs why it could not */
+        manager_add_listener(m, state_on_manager, NULL);
+        return r;
 }

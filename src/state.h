@@ -11,3 +11,5 @@ char *state_file_path(void);
 int state_save(Manager *m);
 int state_load(Manager *m);
 int state_clear(Manager *m);
+/* Restores the saved changes and keeps the file up to date with the manager's from now on. */
+int state_attach(Manager *m);

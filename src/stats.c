@@ -82,7 +82,7 @@ void histogram_reset(Histogram *h) {
         memset(h, 0, sizeof(*h));
 }
 
-static ProviderStats *provider_stats_new(const char *name) {
+ProviderStats *provider_stats_new(const char *name) {
         ProviderStats *s = g_new0(ProviderStats, 1);
         s->n_ref = 1;
         s->name = g_strdup(name);
@@ -141,36 +141,7 @@ void provider_stats_end(ProviderStats *s, unsigned status, ErrorClass error, use
         }
 }
 
-static void provider_stats_destroy(gpointer p) {
-        provider_stats_unref(p);
-}
-
-Stats *stats_new(void) {
-        Stats *s = g_new0(Stats, 1);
-        s->providers = g_hash_table_new_full(g_str_hash, g_str_equal, NULL, provider_stats_destroy);
-        s->started_usec = now_usec(CLOCK_REALTIME);
-        return s;
-}
-
-Stats *stats_free(Stats *s) {
-        if (!s)
-                return NULL;
-        g_hash_table_unref(s->providers);
-        g_free(s);
-        return NULL;
-}
-
-ProviderStats *stats_get(Stats *s, const char *name) {
-        ProviderStats *ps = g_hash_table_lookup(s->providers, name);
-
-        if (!ps) {
-                ps = provider_stats_new(name);
-                g_hash_table_insert(s->providers, ps->name, ps);
-        }
-        return ps;
-}
-
-static void add_into(ProviderStats *t, const ProviderStats *ps) {
+void provider_stats_add(ProviderStats *t, const ProviderStats *ps) {
         t->requests += ps->requests;
         t->streams += ps->streams;
         t->errors += ps->errors;
@@ -189,33 +160,6 @@ static void add_into(ProviderStats *t, const ProviderStats *ps) {
         histogram_merge(&t->ttfb, &ps->ttfb);
 }
 
-void stats_total(Stats *s, char **names, ProviderStats *ret) {
-        memset(ret, 0, sizeof(*ret));
-
-        if (names) {
-                for (char **n = names; *n; n++) {
-                        ProviderStats *ps = g_hash_table_lookup(s->providers, *n);
-                        if (ps)
-                                add_into(ret, ps);
-                }
-                return;
-        }
-
-        GHashTableIter it;
-        gpointer v;
-        g_hash_table_iter_init(&it, s->providers);
-        while (g_hash_table_iter_next(&it, NULL, &v))
-                add_into(ret, v);
-}
-
-void stats_prune(Stats *s, char **names) {
-        GHashTableIter it;
-        gpointer k, v;
-
-        g_hash_table_iter_init(&it, s->providers);
-        while (g_hash_table_iter_next(&it, &k, &v)) {
-                ProviderStats *ps = v;
-                if (ps->in_flight == 0 && !g_strv_contains((const char *const *) names, k))
-                        g_hash_table_iter_remove(&it);
-        }
+void stats_init(Stats *s) {
+        *s = (Stats) { .started_usec = now_usec(CLOCK_REALTIME) };
 }

@@ -58,6 +58,7 @@ typedef struct ProviderStats {
         Histogram ttfb;            /* until the first byte of the answer, µs */
 } ProviderStats;
 
+ProviderStats *provider_stats_new(const char *name);
 ProviderStats *provider_stats_ref(ProviderStats *s);
 ProviderStats *provider_stats_unref(ProviderStats *s);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(ProviderStats, provider_stats_unref)
@@ -66,20 +67,14 @@ void provider_stats_begin(ProviderStats *s, bool stream);
 void provider_stats_end(ProviderStats *s, unsigned status, ErrorClass error, usec_t duration, usec_t ttfb,
                         uint64_t bytes_in, uint64_t bytes_out, uint64_t prompt_tokens, uint64_t completion_tokens);
 
-/* Per-provider statistics, kept by name so they survive a reload that keeps the provider. */
+/* Adds the counters and histograms of s into total. */
+void provider_stats_add(ProviderStats *total, const ProviderStats *s);
+
+/* What is counted per loop rather than per provider. */
 typedef struct Stats {
-        GHashTable *providers;     /* name → ProviderStats* */
         usec_t started_usec;       /* CLOCK_REALTIME */
         uint64_t rejected;         /* requests refused before a provider was chosen */
         uint64_t http_requests;    /* every HTTP request, any route */
 } Stats;
 
-Stats *stats_new(void);
-Stats *stats_free(Stats *s);
-G_DEFINE_AUTOPTR_CLEANUP_FUNC(Stats, stats_free)
-
-ProviderStats *stats_get(Stats *s, const char *name);
-/* Sum over the named providers (all known when names is NULL) into *ret (zeroed first). */
-void stats_total(Stats *s, char **names, ProviderStats *ret);
-/* Forget providers not in names (after a reload), keeping those with requests in flight. */
-void stats_prune(Stats *s, char **names);
+void stats_init(Stats *s);

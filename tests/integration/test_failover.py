@@ -13,6 +13,7 @@ import json
 import os
 import re
 import select
+import signal
 import socket
 import stat
 import sys
@@ -715,6 +716,65 @@ class BreakerTest(FailoverCase):
             t.join(5)
             srv.close()
         self.assertIn("Provider 'gone' answered its probe", router.log())
+
+    def reload(self, router, text):
+        before = router.log(limit=0).count("Configuration reloaded")
+        with open(router.config_path + ".tmp", "w") as f:
+            f.write(text)
+        os.rename(router.config_path + ".tmp", router.config_path)
+        router.send_signal(signal.SIGHUP)
+        wait_until(lambda: router.log(limit=0).count("Configuration reloaded") > before, 10 * SLOW,
+                   what="the reload")
+
+    def test_health_follows_the_provider_across_reloads(self):
+        """A provider's health belongs to it: removed by a reload it is forgotten — even when a
+        request to it ends after the reload — added back it starts afresh (neither down nor
+        waiting for a probe that never comes), moved to a new address it is tried there at once,
+        and kept at the same address it keeps its state."""
+        beta, gamma = self.start_mock("beta"), self.start_mock("gamma")
+        keys = dict(self.keys, CooldownSec="60", MaxCooldownSec="60")
+        gone = "http://127.0.0.1:%d/v1" % closed_port()
+        to_gamma = {"X-Provider": "gamma"}
+
+        def conf(port, gamma_url=None):
+            providers = {"beta": beta.base_url}
+            if gamma_url:
+                providers["gamma"] = gamma_url
+            return router_config(port, providers, default="beta", router=keys)
+        router = self.start_router(lambda port: conf(port, gamma.base_url))
+
+        # One failure, then a second one that ends after gamma was removed by a reload.
+        r = router.chat(chat_body(mock={"status": 502}), headers=to_gamma)
+        self.assertEqual(r.status, 502, r)
+        slow = {}
+        t = threading.Thread(target=lambda: slow.setdefault(
+                "r", router.chat(chat_body(mock={"status": 502, "delay_ms": 1000}), headers=to_gamma)))
+        t.start()
+        gamma.wait_stat("in_flight", 1)
+        self.reload(router, conf(router.port))
+        t.join(30)
+        self.assertEqual(slow["r"].status, 502, slow["r"])
+        self.assertNotIn("gamma", self.health(router)["providers"])
+
+        # Added back: a fresh start, served at once.
+        self.reload(router, conf(router.port, gamma.base_url))
+        self.assertEqual(self.state(router, "gamma"), "unknown")
+        self.assert_mock_ok(router.chat(chat_body(), headers=to_gamma), gamma)
+        self.assertEqual(self.state(router, "gamma"), "up")
+
+        # Down at a dead address; kept there by a reload, it stays down.
+        self.reload(router, conf(router.port, gone))
+        for _ in range(2):
+            self.assert_error(router.chat(chat_body(), headers=to_gamma), 502, "connection_error", provider="gamma")
+        self.assertEqual(self.state(router, "gamma"), "down")
+        self.reload(router, conf(router.port, gone))
+        self.assertEqual(self.state(router, "gamma"), "down")
+        self.assert_error(router.chat(chat_body(), headers=to_gamma), 503, "provider_unavailable", provider="gamma")
+
+        # Moved to a live address while down: the new address is tried at once.
+        self.reload(router, conf(router.port, gamma.base_url))
+        self.assert_mock_ok(router.chat(chat_body(), headers=to_gamma), gamma)
+        self.assert_still_serves(router)
 
 
 class ConcurrencyTest(FailoverCase):

@@ -27,23 +27,41 @@ static Config *config_from_env(const char *first, ...) {
         return c;
 }
 
+/* A router over its own provider set (no event loop: no probes). */
+static Router *test_router_new(const Config *c) {
+        g_autoptr(ProviderSet) set = provider_set_new(c, NULL, NULL);
+        return router_new(c, set);
+}
+
 static Router *router_from_env(const char *mappings, bool allow_override) {
         g_autofree char *var = mappings ? g_strconcat("MODEL_MAPPINGS=", mappings, NULL) : NULL;
         g_autoptr(Config) c = config_from_env(var, NULL);
 
         c->allow_provider_override = allow_override;
-        return router_new(c);
+        return test_router_new(c);
+}
+
+/* The model of the i-th route, in creation order. */
+static const char *mapping_at(const Router *r, unsigned i) {
+        g_autofree const Route **routes = NULL;
+        unsigned n;
+
+        routes = router_routes(r, &n);
+        ck_assert_uint_lt(i, n);
+        return routes[i]->model;
 }
 
 /* Picks and returns the provider's name, or NULL with *ret_r set on failure. */
 static const char *pick(const Router *r, const char *header, const char *model, RouteReason *ret_reason,
                         int *ret_r) {
-        ProviderConfig *p = NULL;
+        RoutePick pk = {};
+        Provider *p;
         int k;
 
-        k = router_pick(r, header, model, &p, ret_reason);
+        k = router_pick(r, header, model, NULL, now_usec(CLOCK_MONOTONIC), &pk);
         if (ret_r)
                 *ret_r = k;
+        p = pk.provider;
         if (k < 0) {
                 ck_assert_ptr_null(p); /* not written on failure */
                 return NULL;
@@ -51,6 +69,8 @@ static const char *pick(const Router *r, const char *header, const char *model, 
         ck_assert_int_eq(k, 0);
         ck_assert_ptr_nonnull(p);
         ck_assert_ptr_eq(p, router_find(r, p->name));
+        if (ret_reason)
+                *ret_reason = pk.reason;
         return p->name;
 }
 
@@ -90,28 +110,33 @@ END_TEST
 
 START_TEST(test_reason_optional) {
         g_autoptr(Router) r = router_from_env("m:echo", true);
-        ProviderConfig *p = NULL;
+        usec_t now = now_usec(CLOCK_MONOTONIC);
+        RoutePick pk;
 
-        ck_assert_int_eq(router_pick(r, NULL, "m", &p, NULL), 0);
-        ck_assert_str_eq(p->name, "echo");
-        ck_assert_int_eq(router_pick(r, "qwen-proxy", NULL, &p, NULL), 0);
-        ck_assert_str_eq(p->name, "qwen-proxy");
-        ck_assert_int_eq(router_pick(r, NULL, NULL, &p, NULL), 0);
-        ck_assert_str_eq(p->name, "lm-studio");
+        /* The pick names the route it came from: none for the header. */
+        ck_assert_int_eq(router_pick(r, NULL, "m", NULL, now, &pk), 0);
+        ck_assert_str_eq(pk.provider->name, "echo");
+        ck_assert_str_eq(pk.route->model, "m");
+        ck_assert_int_eq(router_pick(r, "qwen-proxy", NULL, NULL, now, &pk), 0);
+        ck_assert_str_eq(pk.provider->name, "qwen-proxy");
+        ck_assert_ptr_null(pk.route);
+        ck_assert_int_eq(router_pick(r, NULL, NULL, NULL, now, &pk), 0);
+        ck_assert_str_eq(pk.provider->name, "lm-studio");
+        ck_assert_str_eq(pk.route->model, "*");
 }
 END_TEST
 
 START_TEST(test_unknown_header_provider) {
         g_autoptr(Router) r = router_from_env("m:echo", true);
-        RouteReason why = _ROUTE_REASON_MAX;
-        ProviderConfig *p = (ProviderConfig *) 0x1;
+        usec_t now = now_usec(CLOCK_MONOTONIC);
+        RoutePick pk = { .provider = (Provider *) 0x1, .reason = _ROUTE_REASON_MAX };
 
         /* An unknown name is an error, never a silent fallback to the mapping or default. */
-        ck_assert_int_eq(router_pick(r, "nope", "m", &p, &why), -ENOENT);
-        ck_assert_ptr_eq(p, (ProviderConfig *) 0x1);
-        ck_assert_int_eq(why, _ROUTE_REASON_MAX);
-        ck_assert_int_eq(router_pick(r, "Echo", NULL, &p, &why), -ENOENT); /* names are case-sensitive */
-        ck_assert_int_eq(router_pick(r, "echo ", NULL, &p, &why), -ENOENT);
+        ck_assert_int_eq(router_pick(r, "nope", "m", NULL, now, &pk), -ENOENT);
+        ck_assert_ptr_eq(pk.provider, (Provider *) 0x1); /* untouched */
+        ck_assert_int_eq(pk.reason, _ROUTE_REASON_MAX);
+        ck_assert_int_eq(router_pick(r, "Echo", NULL, NULL, now, &pk), -ENOENT); /* names are case-sensitive */
+        ck_assert_int_eq(router_pick(r, "echo ", NULL, NULL, now, &pk), -ENOENT);
 }
 END_TEST
 
@@ -127,11 +152,11 @@ END_TEST
 
 START_TEST(test_router_new_copies_config) {
         g_autoptr(Config) c = config_from_env("MODEL_MAPPINGS=b:echo,a:qwen-proxy", "DEFAULT_PROVIDER=qwen-proxy", NULL);
-        g_autoptr(Router) r = router_new(c);
+        g_autoptr(Router) r = test_router_new(c);
         g_auto(GStrv) names = router_provider_names(r);
         g_autofree char *list = router_provider_list(r);
 
-        ck_assert_str_eq(r->default_provider, "qwen-proxy");
+        ck_assert_str_eq(router_default_name(r), "qwen-proxy");
         ck_assert(r->allow_override);
         ck_assert_uint_eq(g_strv_length(names), 4);
         ck_assert_str_eq(names[0], "lm-studio");
@@ -139,9 +164,9 @@ START_TEST(test_router_new_copies_config) {
         ck_assert_str_eq(names[2], "qwen-direct");
         ck_assert_str_eq(names[3], "echo");
         ck_assert_str_eq(list, "lm-studio, qwen-proxy, qwen-direct, echo");
-        ck_assert_uint_eq(r->mapping_order->len, 2);
-        ck_assert_str_eq(r->mapping_order->pdata[0], "b");
-        ck_assert_str_eq(r->mapping_order->pdata[1], "a");
+        ck_assert_uint_eq(router_n_routes(r), 2);
+        ck_assert_str_eq(mapping_at(r, 0), "b");
+        ck_assert_str_eq(mapping_at(r, 1), "a");
 
         /* The router holds its own references: it outlives the configuration. */
         g_clear_pointer(&c, config_free);
@@ -156,8 +181,8 @@ END_TEST
 
 START_TEST(test_routers_independent) {
         g_autoptr(Config) c = config_from_env("MODEL_MAPPINGS=a:echo", NULL);
-        g_autoptr(Router) r1 = router_new(c);
-        g_autoptr(Router) r2 = router_new(c);
+        g_autoptr(Router) r1 = test_router_new(c);
+        g_autoptr(Router) r2 = test_router_new(c);
 
         ck_assert_int_eq(router_set_mapping(r1, "a", "qwen-proxy"), 1);
         ck_assert_int_eq(router_set_default(r1, "echo"), 1);
@@ -174,10 +199,10 @@ START_TEST(test_set_default) {
         ck_assert_int_eq(router_set_default(r, "nope"), -ENOENT);
         ck_assert_int_eq(router_set_default(r, NULL), -ENOENT);
         ck_assert_int_eq(router_set_default(r, ""), -ENOENT);
-        ck_assert_str_eq(r->default_provider, "lm-studio");
+        ck_assert_str_eq(router_default_name(r), "lm-studio");
         ck_assert_int_eq(router_set_default(r, "lm-studio"), 0); /* unchanged */
         ck_assert_int_eq(router_set_default(r, "echo"), 1);
-        ck_assert_str_eq(r->default_provider, "echo");
+        ck_assert_str_eq(router_default_name(r), "echo");
         assert_pick(r, NULL, "anything", "echo", ROUTE_DEFAULT);
         ck_assert_int_eq(router_set_default(r, "echo"), 0);
 }
@@ -191,7 +216,7 @@ START_TEST(test_set_mapping) {
         ck_assert_int_eq(router_set_mapping(r, "m", "echo"), 0); /* unchanged */
         ck_assert_int_eq(router_set_mapping(r, "m", "qwen-proxy"), 1);
         assert_pick(r, NULL, "m", "qwen-proxy", ROUTE_MAPPING);
-        ck_assert_uint_eq(r->mapping_order->len, 1); /* remapping does not duplicate */
+        ck_assert_uint_eq(router_n_routes(r), 1); /* remapping does not duplicate */
 
         /* Unknown provider: refused, the old mapping stays. */
         ck_assert_int_eq(router_set_mapping(r, "m", "nope"), -ENOENT);
@@ -199,14 +224,14 @@ START_TEST(test_set_mapping) {
         ck_assert_int_eq(router_set_mapping(r, "n", "nope"), -ENOENT);
         assert_pick(r, NULL, "m", "qwen-proxy", ROUTE_MAPPING);
         assert_pick(r, NULL, "n", "lm-studio", ROUTE_DEFAULT);
-        ck_assert_uint_eq(g_hash_table_size(r->mappings), 1);
+        ck_assert_uint_eq(router_n_routes(r), 1);
 
         ck_assert_int_eq(router_set_mapping(r, "llama3:8b", "echo"), 1);
         ck_assert_int_eq(router_set_mapping(r, "модель", "echo"), 1);
-        ck_assert_uint_eq(r->mapping_order->len, 3);
-        ck_assert_str_eq(r->mapping_order->pdata[0], "m");
-        ck_assert_str_eq(r->mapping_order->pdata[1], "llama3:8b");
-        ck_assert_str_eq(r->mapping_order->pdata[2], "модель");
+        ck_assert_uint_eq(router_n_routes(r), 3);
+        ck_assert_str_eq(mapping_at(r, 0), "m");
+        ck_assert_str_eq(mapping_at(r, 1), "llama3:8b");
+        ck_assert_str_eq(mapping_at(r, 2), "модель");
 }
 END_TEST
 
@@ -230,8 +255,8 @@ START_TEST(test_set_mapping_invalid_model) {
         longest[sizeof(longest) - 1] = 0;
         ck_assert_int_eq(router_set_mapping(r, longest, "echo"), 1);
 
-        ck_assert_uint_eq(g_hash_table_size(r->mappings), 1);
-        ck_assert_uint_eq(r->mapping_order->len, 1);
+        ck_assert_uint_eq(router_n_routes(r), 1);
+        ck_assert_uint_eq(router_n_routes(r), 1);
 }
 END_TEST
 
@@ -242,9 +267,9 @@ START_TEST(test_remove_mapping) {
         assert_pick(r, NULL, "b", "lm-studio", ROUTE_DEFAULT);
         assert_pick(r, NULL, "a", "echo", ROUTE_MAPPING);
         assert_pick(r, NULL, "c", "qwen-direct", ROUTE_MAPPING);
-        ck_assert_uint_eq(r->mapping_order->len, 2);
-        ck_assert_str_eq(r->mapping_order->pdata[0], "a");
-        ck_assert_str_eq(r->mapping_order->pdata[1], "c");
+        ck_assert_uint_eq(router_n_routes(r), 2);
+        ck_assert_str_eq(mapping_at(r, 0), "a");
+        ck_assert_str_eq(mapping_at(r, 1), "c");
 
         ck_assert_int_eq(router_remove_mapping(r, "b"), -ENOENT);
         ck_assert_int_eq(router_remove_mapping(r, "nope"), -ENOENT);
@@ -253,14 +278,14 @@ START_TEST(test_remove_mapping) {
 
         /* Removed and added again: goes to the end of the order. */
         ck_assert_int_eq(router_set_mapping(r, "b", "echo"), 1);
-        ck_assert_uint_eq(r->mapping_order->len, 3);
-        ck_assert_str_eq(r->mapping_order->pdata[2], "b");
+        ck_assert_uint_eq(router_n_routes(r), 3);
+        ck_assert_str_eq(mapping_at(r, 2), "b");
 
         ck_assert_int_eq(router_remove_mapping(r, "a"), 1);
         ck_assert_int_eq(router_remove_mapping(r, "c"), 1);
         ck_assert_int_eq(router_remove_mapping(r, "b"), 1);
-        ck_assert_uint_eq(r->mapping_order->len, 0);
-        ck_assert_uint_eq(g_hash_table_size(r->mappings), 0);
+        ck_assert_uint_eq(router_n_routes(r), 0);
+        ck_assert_uint_eq(router_n_routes(r), 0);
         assert_pick(r, NULL, "a", "lm-studio", ROUTE_DEFAULT);
 }
 END_TEST

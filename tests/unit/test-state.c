@@ -23,11 +23,13 @@ static void setup(void) {
         g_setenv("STATE_DIRECTORY", dir, TRUE);
         m = (Manager) {};
         m.config = config_with_mappings("a:echo,b:qwen-proxy");
-        m.router = router_new(m.config);
+        m.providers = provider_set_new(m.config, NULL, NULL);
+        m.router = router_new(m.config, m.providers);
 }
 
 static void teardown(void) {
         g_clear_pointer(&m.router, router_free);
+        g_clear_pointer(&m.providers, provider_set_unref);
         g_clear_pointer(&m.config, config_free);
         g_unsetenv("STATE_DIRECTORY");
         test_rm_rf(dir);
@@ -40,7 +42,7 @@ static bool state_file_exists(void) {
 }
 
 static const char *mapping(const Router *r, const char *model) {
-        return g_hash_table_lookup(r->mappings, model);
+        return router_mapping(r, model);
 }
 
 START_TEST(test_path) {
@@ -88,17 +90,17 @@ START_TEST(test_save_and_restore) {
         ck_assert_uint_eq(st.st_mode & 07777, 0640);
 
         /* A restart: the router from the configuration, then the saved changes. */
-        restored = router_new(m.config);
+        restored = router_new(m.config, m.providers);
         g_clear_pointer(&m.router, router_free);
         m.router = TAKE_PTR(restored);
-        ck_assert_str_eq(m.router->default_provider, "lm-studio");
+        ck_assert_str_eq(router_default_name(m.router), "lm-studio");
         ck_assert_int_eq(state_load(&m), 0);
 
-        ck_assert_str_eq(m.router->default_provider, "echo");
+        ck_assert_str_eq(router_default_name(m.router), "echo");
         ck_assert_str_eq(mapping(m.router, "a"), "qwen-direct");
         ck_assert_ptr_null(mapping(m.router, "b"));
         ck_assert_str_eq(mapping(m.router, "llama3:8b"), "echo");
-        ck_assert_uint_eq(g_hash_table_size(m.router->mappings), 2);
+        ck_assert_uint_eq(router_n_routes(m.router), 2);
 
         /* Saving the restored state again writes the same differences. */
         ck_assert_int_eq(state_save(&m), 0);
@@ -112,7 +114,7 @@ END_TEST
 
 START_TEST(test_load_missing_file) {
         ck_assert_int_eq(state_load(&m), 0);
-        ck_assert_str_eq(m.router->default_provider, "lm-studio");
+        ck_assert_str_eq(router_default_name(m.router), "lm-studio");
         ck_assert_str_eq(mapping(m.router, "a"), "echo");
 }
 END_TEST
@@ -130,7 +132,7 @@ START_TEST(test_load_drops_stale_entries) {
 
         /* Providers no longer configured are ignored; the rest applies. */
         ck_assert_int_eq(state_load(&m), 0);
-        ck_assert_str_eq(m.router->default_provider, "lm-studio");
+        ck_assert_str_eq(router_default_name(m.router), "lm-studio");
         ck_assert_ptr_null(mapping(m.router, "x"));
         ck_assert_str_eq(mapping(m.router, "y"), "echo");
         ck_assert_ptr_null(mapping(m.router, "b"));
@@ -142,7 +144,7 @@ START_TEST(test_load_corrupt_file) {
         g_autofree char *f = test_write_file(dir, "routing.state", 0640, "this is [not a key file\n");
 
         ck_assert_int_eq(state_load(&m), -EINVAL);
-        ck_assert_str_eq(m.router->default_provider, "lm-studio");
+        ck_assert_str_eq(router_default_name(m.router), "lm-studio");
         ck_assert_str_eq(mapping(m.router, "a"), "echo");
 }
 END_TEST

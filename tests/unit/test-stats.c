@@ -222,10 +222,10 @@ static void request(ProviderStats *ps, bool stream, unsigned status, ErrorClass 
 }
 
 START_TEST(test_provider_counters) {
-        g_autoptr(Stats) s = stats_new();
-        ProviderStats *ps = stats_get(s, "p");
+        g_autoptr(ProviderStats) ps = provider_stats_new("p");
 
-        ck_assert_ptr_eq(stats_get(s, "p"), ps);
+        ck_assert_ptr_eq(provider_stats_ref(ps), ps);
+        ck_assert_ptr_null(provider_stats_unref(ps));
         ck_assert_str_eq(ps->name, "p");
         ck_assert_uint_eq(ps->requests, 0);
 
@@ -254,8 +254,7 @@ START_TEST(test_provider_counters) {
 END_TEST
 
 START_TEST(test_error_classes) {
-        g_autoptr(Stats) s = stats_new();
-        ProviderStats *ps = stats_get(s, "p");
+        g_autoptr(ProviderStats) ps = provider_stats_new("p");
 
         request(ps, false, 200, ERROR_CLASS_NONE, 1, 1);
         request(ps, false, 502, ERROR_CLASS_CONNECT, 1, USEC_INFINITY);
@@ -285,11 +284,8 @@ START_TEST(test_error_classes) {
 END_TEST
 
 START_TEST(test_total) {
-        g_autoptr(Stats) s = stats_new();
-        ProviderStats *a = stats_get(s, "a"), *b = stats_get(s, "b"), *c = stats_get(s, "c");
+        g_autoptr(ProviderStats) a = provider_stats_new("a"), b = provider_stats_new("b"), c = provider_stats_new("c");
         ProviderStats *t = g_new0(ProviderStats, 1);
-        char *only_ab[] = { (char *) "a", (char *) "b", (char *) "unknown", NULL };
-        char *none[] = { NULL };
 
         for (int i = 0; i < 10; i++)
                 request(a, false, 200, ERROR_CLASS_NONE, 1000 + (usec_t) i, 100);
@@ -299,7 +295,9 @@ START_TEST(test_total) {
         provider_stats_begin(c, true); /* still in flight */
         provider_stats_begin(a, false);
 
-        stats_total(s, NULL, t);
+        provider_stats_add(t, a);
+        provider_stats_add(t, b);
+        provider_stats_add(t, c);
         ck_assert_uint_eq(t->requests, 18);
         ck_assert_uint_eq(t->streams, 6);
         ck_assert_uint_eq(t->errors, 5);
@@ -317,17 +315,14 @@ START_TEST(test_total) {
         assert_within(histogram_percentile(&t->latency, 0.5), 1005, "total p50");
         assert_within(histogram_percentile(&t->latency, 0.99), 50000, "total p99");
 
-        /* A total over some providers; names without statistics add nothing. */
-        memset(t, 0xff, sizeof(*t)); /* zeroed by stats_total() */
-        stats_total(s, only_ab, t);
+        /* A total over some providers. */
+        memset(t, 0, sizeof(*t));
+        provider_stats_add(t, a);
+        provider_stats_add(t, b);
         ck_assert_uint_eq(t->requests, 16);
         ck_assert_uint_eq(t->in_flight, 1);
         ck_assert_uint_eq(t->errors_by_class[ERROR_CLASS_CLIENT_ABORT], 0);
         ck_assert_uint_eq(t->latency.count, 15);
-
-        stats_total(s, none, t);
-        ck_assert_uint_eq(t->requests, 0);
-        ck_assert_uint_eq(t->latency.count, 0);
 
         /* The total does not change the providers. */
         ck_assert_uint_eq(a->requests, 11);
@@ -336,59 +331,18 @@ START_TEST(test_total) {
 }
 END_TEST
 
-START_TEST(test_prune) {
-        g_autoptr(Stats) s = stats_new();
-        ProviderStats *kept, *busy, *held;
-        char *names[] = { (char *) "kept", (char *) "never-used", NULL };
-        char *empty[] = { NULL };
+START_TEST(test_stats_new) {
+        Stats s;
+        usec_t now;
 
-        kept = stats_get(s, "kept");
-        request(kept, false, 200, ERROR_CLASS_NONE, 1, 1);
-        request(stats_get(s, "gone"), false, 200, ERROR_CLASS_NONE, 1, 1);
-        busy = stats_get(s, "busy");
-        provider_stats_begin(busy, true);
-        /* A request holds a reference to its provider's statistics. */
-        held = provider_stats_ref(busy);
-
-        stats_prune(s, names);
-        ck_assert_uint_eq(g_hash_table_size(s->providers), 2);
-        ck_assert(g_hash_table_contains(s->providers, "kept"));
-        ck_assert(g_hash_table_contains(s->providers, "busy")); /* in flight: kept until it ends */
-        ck_assert(!g_hash_table_contains(s->providers, "gone"));
-        ck_assert(!g_hash_table_contains(s->providers, "never-used"));
-        ck_assert_ptr_eq(stats_get(s, "kept"), kept);
-        ck_assert_uint_eq(kept->requests, 1);
-
-        /* A provider that comes back after being pruned starts from zero. */
-        ck_assert_uint_eq(stats_get(s, "gone")->requests, 0);
-
-        /* Once the request ends, the next prune forgets it; the request's reference stays valid. */
-        provider_stats_end(held, 200, ERROR_CLASS_NONE, 1, 1, 0, 0, UINT64_MAX, UINT64_MAX);
-        stats_prune(s, names);
-        ck_assert(!g_hash_table_contains(s->providers, "busy"));
-        ck_assert(!g_hash_table_contains(s->providers, "gone"));
-        ck_assert_str_eq(held->name, "busy");
-        ck_assert_uint_eq(held->requests, 1);
-        ck_assert_ptr_null(provider_stats_unref(held));
-
-        /* Nothing configured any more: nothing stale stays. */
-        stats_prune(s, empty);
-        ck_assert_uint_eq(g_hash_table_size(s->providers), 0);
+        stats_init(&s);
+        now = now_usec(CLOCK_REALTIME);
+        ck_assert_uint_le(s.started_usec, now);
+        ck_assert_uint_gt(s.started_usec, now - 60 * USEC_PER_SEC);
+        ck_assert_uint_eq(s.rejected, 0);
+        ck_assert_uint_eq(s.http_requests, 0);
         ck_assert_ptr_null(provider_stats_unref(NULL));
         ck_assert_ptr_null(provider_stats_ref(NULL));
-        ck_assert_ptr_null(stats_free(NULL));
-}
-END_TEST
-
-START_TEST(test_stats_new) {
-        g_autoptr(Stats) s = stats_new();
-        usec_t now = now_usec(CLOCK_REALTIME);
-
-        ck_assert_uint_le(s->started_usec, now);
-        ck_assert_uint_gt(s->started_usec, now - 60 * USEC_PER_SEC);
-        ck_assert_uint_eq(g_hash_table_size(s->providers), 0);
-        ck_assert_uint_eq(s->rejected, 0);
-        ck_assert_uint_eq(s->http_requests, 0);
 }
 END_TEST
 
@@ -412,7 +366,6 @@ static Suite *stats_suite(void) {
         tcase_add_test(tc, test_provider_counters);
         tcase_add_test(tc, test_error_classes);
         tcase_add_test(tc, test_total);
-        tcase_add_test(tc, test_prune);
         tcase_add_test(tc, test_stats_new);
         suite_add_tcase(s, tc);
 

@@ -1,91 +1,90 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #include <inttypes.h>
 
-#include "api.h"
-#include "health.h"
 #include "json-util.h"
-#include "request.h"
+#include "status.h"
 
-void api_health(Request *r) {
-        Manager *m = r->manager;
+/* GET /health and GET /metrics: what the router knows about itself and its providers. */
+
+static void health_start(Request *r) {
+        Worker *w = r->worker;
         g_autoptr(JsonBuilder) b = json_builder_new_immutable();
-        usec_t now = now_usec(CLOCK_MONOTONIC);
+        usec_t now = worker_now(w);
+        unsigned n = exchange_front_count(w->front);
         size_t size;
         char *json;
 
         json_builder_begin_object(b);
         json_builder_set_member_name(b, "status");
-        json_builder_add_string_value(b, m->stopping ? "stopping" : "ok");
+        json_builder_add_string_value(b, w->stopping ? "stopping" : "ok");
         json_builder_set_member_name(b, "version");
         json_builder_add_string_value(b, PACKAGE_VERSION);
         json_builder_set_member_name(b, "default_provider");
-        json_builder_add_string_value(b, m->router->default_provider);
+        json_builder_add_string_value(b, router_default_name(w->router));
         json_builder_set_member_name(b, "uptime_sec");
-        json_builder_add_int_value(b, (gint64) ((now_usec(CLOCK_MONOTONIC) - m->started_usec) / USEC_PER_SEC));
+        json_builder_add_int_value(b, (gint64) ((now - w->started_usec) / USEC_PER_SEC));
         json_builder_set_member_name(b, "requests_in_flight");
-        json_builder_add_int_value(b, m->n_requests > 0 ? m->n_requests - 1 : 0); /* not counting this one */
+        json_builder_add_int_value(b, n > 0 ? n - 1 : 0); /* not counting this one */
         json_builder_set_member_name(b, "providers");
         json_builder_begin_object(b);
-        for (guint i = 0; i < m->router->providers->len; i++) {
-                ProviderConfig *p = m->router->providers->pdata[i];
-                ProviderStats *s = g_hash_table_lookup(m->stats->providers, p->name);
-                ProviderHealth *h = g_hash_table_lookup(m->health, p->name);
+        PROVIDER_SET_FOREACH(p, w->providers) {
+                const ProviderConfig *pc = p->config;
+                const ProviderStats *s = p->stats;
+                const ProviderHealth *h = &p->health;
+                usec_t retry_in = provider_is_echo(p) ? 0 : health_retry_in(h, now);
 
                 json_builder_set_member_name(b, p->name);
                 json_builder_begin_object(b);
                 json_builder_set_member_name(b, "kind");
-                json_builder_add_string_value(b, provider_kind_to_string(p->kind));
-                if (p->base_url) {
+                json_builder_add_string_value(b, provider_kind_to_string(pc->kind));
+                if (pc->base_url) {
                         json_builder_set_member_name(b, "base_url");
-                        json_builder_add_string_value(b, p->base_url);
+                        json_builder_add_string_value(b, pc->base_url);
                 }
                 json_builder_set_member_name(b, "state");
-                json_builder_add_string_value(b, health_state_to_string(health_state(m, p->name)));
-                if (h && h->consecutive_failures > 0) {
+                json_builder_add_string_value(b, health_state_to_string(provider_state(p)));
+                if (h->consecutive_failures > 0) {
                         json_builder_set_member_name(b, "consecutive_failures");
                         json_builder_add_int_value(b, h->consecutive_failures);
                 }
-                if (h && h->last_error && h->state != HEALTH_UP) {
+                if (h->last_error && h->state != HEALTH_UP) {
                         json_builder_set_member_name(b, "last_error");
                         json_builder_add_string_value(b, h->last_error);
                 }
-                if (h && health_retry_in(h, now) > 0) {
+                if (retry_in > 0) {
                         json_builder_set_member_name(b, "retry_in_sec");
-                        json_builder_add_int_value(b, (gint64) ((health_retry_in(h, now) + USEC_PER_SEC - 1) / USEC_PER_SEC));
+                        json_builder_add_int_value(b, (gint64) ((retry_in + USEC_PER_SEC - 1) / USEC_PER_SEC));
                 }
                 json_builder_set_member_name(b, "default");
-                json_builder_add_boolean_value(b, streq(p->name, m->router->default_provider));
+                json_builder_add_boolean_value(b, streq(p->name, router_default_name(w->router)));
                 json_builder_set_member_name(b, "in_flight");
-                json_builder_add_int_value(b, s ? s->in_flight : 0);
+                json_builder_add_int_value(b, s->in_flight);
                 json_builder_set_member_name(b, "requests");
-                json_builder_add_int_value(b, s ? (gint64) s->requests : 0);
+                json_builder_add_int_value(b, (gint64) s->requests);
                 json_builder_set_member_name(b, "errors");
-                json_builder_add_int_value(b, s ? (gint64) s->errors : 0);
+                json_builder_add_int_value(b, (gint64) s->errors);
                 json_builder_end_object(b);
         }
         json_builder_end_object(b);
         json_builder_end_object(b);
 
         json = json_builder_to_string(b, &size);
-        request_respond_json(r, m->stopping ? MHD_HTTP_SERVICE_UNAVAILABLE : MHD_HTTP_OK, json, size);
+        request_respond_json(r, w->stopping ? 503 : 200, json, size);
 }
 
 static void metric_header(GString *s, const char *name, const char *type, const char *help) {
         g_string_append_printf(s, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
-void api_metrics(Request *r) {
-        Manager *m = r->manager;
+static void metrics_start(Request *r) {
+        Worker *w = r->worker;
         GString *s = g_string_sized_new(4096);
-        GPtrArray *providers = m->router->providers;
-        struct MHD_Response *resp;
         size_t size;
 
         /* The same figures as GetStats(), in the Prometheus text format. */
 #define FOR_EACH_PROVIDER(p, st)                                                                      \
-        for (guint _i = 0; _i < providers->len; _i++)                                                 \
-                for (ProviderConfig *p = providers->pdata[_i]; p; p = NULL)                           \
-                        for (ProviderStats *st = stats_get(m->stats, p->name); st; st = NULL)
+        PROVIDER_SET_FOREACH(p, w->providers)                                                         \
+                for (const ProviderStats *st = p->stats; st; st = NULL)
 
         metric_header(s, "provider_router_requests_total", "counter", "Requests routed to the provider.");
         FOR_EACH_PROVIDER(p, st)
@@ -137,14 +136,22 @@ void api_metrics(Request *r) {
                                        p->name, st->completion_tokens);
         }
         metric_header(s, "provider_router_rejected_total", "counter", "Requests refused before a provider was chosen.");
-        g_string_append_printf(s, "provider_router_rejected_total %" PRIu64 "\n", m->stats->rejected);
+        g_string_append_printf(s, "provider_router_rejected_total %" PRIu64 "\n", w->stats.rejected);
         metric_header(s, "provider_router_http_requests_total", "counter", "HTTP requests of any kind.");
-        g_string_append_printf(s, "provider_router_http_requests_total %" PRIu64 "\n", m->stats->http_requests);
+        g_string_append_printf(s, "provider_router_http_requests_total %" PRIu64 "\n", w->stats.http_requests);
 #undef FOR_EACH_PROVIDER
 
         size = s->len;
-        resp = MHD_create_response_from_buffer_with_free_callback(size, g_string_free(s, FALSE), g_free);
-        (void) MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8");
-        r->bytes_out = size;
-        request_respond(r, MHD_HTTP_OK, resp);
+        exchange_add_header(r->exchange, "Content-Type", "text/plain; version=0.0.4; charset=utf-8");
+        request_respond(r, 200, g_string_free(s, FALSE), size);
 }
+
+const Handler health_handler = {
+        .name = "health",
+        .start = health_start,
+};
+
+const Handler metrics_handler = {
+        .name = "metrics",
+        .start = metrics_start,
+};
