@@ -32,7 +32,6 @@ import os
 import shutil
 import socket
 import ssl
-import stat
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (LOOPBACK, SLOW, Router, RouterTestCase, chat_body, dump_logs,  # noqa: E402
-                     main, router_config, run_check_config, split_events, stream_request)
+                     main, router_config, run_check_config, split_events)
 from oddprovider import EgressProxy, OddProvider, OddProviderProcess, gzip_allowed  # noqa: E402
 import tlsutil  # noqa: E402
 
@@ -188,7 +187,8 @@ class OddProviderSelfTest(OddCase):
         r = c.getresponse()
         self.assertEqual(r.getheader("Content-Encoding"), "gzip")
         self.assertEqual(gzip.decompress(r.read()), answer_of(self.odd.chats()[-1]))
-        c.request("POST", "/gzip-always/v1/chat/completions", json.dumps(chat_body("hi")), {"Accept-Encoding": "identity"})
+        c.request("POST", "/gzip-always/v1/chat/completions", json.dumps(chat_body("hi")),
+                  {"Accept-Encoding": "identity"})
         r = c.getresponse()
         self.assertEqual(r.getheader("Content-Encoding"), "gzip")
         self.assertEqual(json.loads(gzip.decompress(r.read()))["choices"][0]["message"]["content"], "odd: hi")
@@ -262,7 +262,19 @@ class OddProviderSelfTest(OddCase):
         r = c.getresponse()
         self.assertEqual(r.status, 200)
         r.read()
+        # A stream through the tunnel, on the same connection, comes event by event. comes event by event.
+        c.request("POST", "/v1/chat/completions", json.dumps(chat_body(stream=True, odd={"delay_ms": 200})))
+        r = c.getresponse()
+        times, buf = [], b""
+        while True:
+            chunk = r.read1(65536)
+            if not chunk:
+                break
+            got, buf = split_events(buf + chunk)
+            times += [time.monotonic()] * len(got)
         c.close()
+        self.assertGreaterEqual(len(times), 5)
+        self.assertGreaterEqual(times[2] - times[0], 0.3, times)
         self.assertEqual(proxy.connects(), ["%s:%d" % (LOOPBACK, tls.port)])
         self.assertEqual(tls.requests()[-1]["tls_client"]["commonName"], "provider-router test client")
         # Without a client certificate the handshake fails.
@@ -655,19 +667,21 @@ class EgressProxyTest(OddCase):
         tls = self.start_odd("tls", tls=pk.server_tls())
         router = self.router_over({"tls": {"BaseURL": tls.base_url, "CAFile": pk.ca_cert}},
                                   env=proxy_env(https=self.proxy.url))
-        s = router.stream(chat_body(model="tls-model", stream=True, odd={"delay_ms": 300}))
+        # 'close': the provider closes each connection, so each request opens a new tunnel (a
+        # reused one has its CONNECT answer behind it).
+        s = router.stream(chat_body(model="tls-model", stream=True, odd={"modes": "close", "delay_ms": 300}))
         self.assertEqual((s.status, s.header("X-Provider")), (200, "tls"), s.raw[:300])
         self.assertTrue(s.header("Content-Type").startswith("text/event-stream"), dict(s.headers.items()))
         self.assertEqual(s.header("X-Odd-Provider"), "tls")
         self.assert_no_proxy_headers(s.headers)
         self.assertEqual(s.raw, answer_of(tls.chats()[-1]))
         self.assert_events_spread(s, 0.4)
-        r = router.chat(chat_body(model="tls-model"))
+        r = router.chat(chat_body(model="tls-model", odd="close"))
         self.assertEqual(r.status, 200, r)
         self.assertEqual(r.body, answer_of(tls.chats()[-1]))
         self.assert_no_proxy_headers(r.headers)
         self.assertEqual(r.header("X-Odd-Provider"), "tls")
-        self.assertEqual(set(self.proxy.connects()), {"%s:%d" % (LOOPBACK, tls.port)})
+        self.assertEqual(self.proxy.connects(), ["%s:%d" % (LOOPBACK, tls.port)] * 2)
 
     @unittest.expectedFailure  # issue 10.9 (and 10.10: without CAFile= TLS fails at once, the hang is never reached)
     def test_connect_proxy_first_byte_failover(self):
