@@ -6,7 +6,7 @@ libmicrohttpd-dev libjson-glib-dev libglib2.0-dev gettext scdoc bash-completion"
 
 TEST_DEPS="check python3 curl dbus-daemon dbus-bin polkitd systemd systemd-container
 debootstrap libxml2-utils clang libclang-rt-dev valgrind
-debhelper devscripts dpkg-dev lintian fakeroot iproute2"
+debhelper devscripts dpkg-dev lintian fakeroot iproute2 openssl"
 
 top=$(cd "$(dirname "$0")/.." && pwd)
 
