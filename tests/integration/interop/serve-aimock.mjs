@@ -5,7 +5,7 @@
 //   node serve-aimock.mjs PORT_FILE FIXTURES.json
 //
 // Writes the port to PORT_FILE once it listens; SIGTERM stops it with exit status 0.
-import { writeFileSync } from 'node:fs';
+import { renameSync, writeFileSync } from 'node:fs';
 import { LLMock } from '@copilotkit/aimock';
 
 const [portFile, fixtures] = process.argv.slice(2);
@@ -18,9 +18,9 @@ if (!portFile || !fixtures) {
 const mock = new LLMock({ host: '127.0.0.1', port: 0, chunkSize: 8, latency: 0, logLevel: 'warn' });
 mock.loadFixtureFile(fixtures);
 await mock.start();
+// Renamed into place: the reader never sees a half-written file.
 writeFileSync(portFile + '.tmp', String(mock.port));
-// rename: the reader never sees a half-written file
-(await import('node:fs')).renameSync(portFile + '.tmp', portFile);
+renameSync(portFile + '.tmp', portFile);
 console.error(`aimock listening on ${mock.url}`);
 
 let stopping = false;
