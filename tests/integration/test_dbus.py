@@ -1461,6 +1461,121 @@ class SystemBusTest(BusTestMixin, RouterTestCase):
         self.assertEqual(c.prop("DefaultProvider"), "alpha")
         self.assert_alive(self.pid)
 
+    def test_ctl_new_verbs_arguments(self):
+        # split, comparisons, compare, probe: wrong arguments are refused before anything is sent,
+        # so the daemon (which may not know these methods at all) never sees them.
+        c = self.clients
+        r = c.ctl("--help")
+        for verb in ("split MODEL PROVIDER[:WEIGHT]...", "comparisons [N]", "compare MODEL PROMPT", "probe NAME"):
+            self.assertRegex(r.stdout, r"(?m)^  %s\s" % re.escape(verb))
+        for opt in ("-H --host=[USER@]HOST[:PORT]", "-M --machine=CONTAINER", "--providers=NAME,..."):
+            self.assertIn(opt, r.stdout)
+        before = self.routing()
+        refusals = [
+            (("split", "m"), "Too few arguments for 'split'."),
+            (("split",), "Too few arguments for 'split'."),
+            (("split", "m", "alpha:0"), "Invalid arm 'alpha:0': expected PROVIDER or PROVIDER:WEIGHT, with a "
+                                        "weight from 1 to 4294967295."),
+            (("split", "m", "alpha:-1"), "Invalid arm 'alpha:-1'"),
+            (("split", "m", "alpha:+2"), "Invalid arm 'alpha:+2'"),
+            (("split", "m", "alpha: 2"), "Invalid arm 'alpha: 2'"),
+            (("split", "m", "alpha:2x"), "Invalid arm 'alpha:2x'"),
+            (("split", "m", "alpha:"), "Invalid arm 'alpha:'"),
+            (("split", "m", ":5"), "Invalid arm ':5'"),
+            (("split", "m", ""), "Invalid arm ''"),
+            (("split", "m", "alpha:4294967296"), "Invalid arm 'alpha:4294967296'"),
+            (("split", "m", "alpha:80", "beta", "alpha:1"), "Provider 'alpha' is named twice in the split of 'm'."),
+            (("comparisons", "0"), "Invalid number of comparisons '0': expected a whole number from 1 to 4294967295."),
+            (("comparisons", "--", "-3"), "Invalid number of comparisons '-3'"),
+            (("comparisons", "ten"), "Invalid number of comparisons 'ten'"),
+            (("comparisons", "4294967296"), "Invalid number of comparisons '4294967296'"),
+            (("comparisons", "1", "2"), "Too many arguments for 'comparisons'."),
+            (("compare", "m"), "Too few arguments for 'compare'."),
+            (("compare", "m", "p", "q"), "Too many arguments for 'compare'."),
+            (("compare", "m", ""), "The prompt is empty."),
+            (("--providers=alpha,,beta", "compare", "m", "p"), "Invalid --providers='alpha,,beta': expected "
+                                                               "NAME[,NAME...]."),
+            (("--providers=", "compare", "m", "p"), "Invalid --providers=''"),
+            (("--providers=alpha,", "compare", "m", "p"), "Invalid --providers='alpha,'"),
+            (("--providers=beta,beta", "compare", "m", "p"), "A provider is named twice in --providers='beta,beta'."),
+            (("--providers=alpha", "status"), "--providers= is an option of 'compare' only."),
+            (("--providers=alpha", "split", "m", "alpha"), "--providers= is an option of 'compare' only."),
+            (("probe",), "Too few arguments for 'probe'."),
+            (("probe", "alpha", "beta"), "Too many arguments for 'probe'."),
+            (("split", "m", b"al\xffpha".decode("utf-8", "surrogateescape")), "is not valid UTF-8"),
+            (("compare", "m", b"\xc3(".decode("utf-8", "surrogateescape")), "is not valid UTF-8"),
+        ]
+        for args, message in refusals:
+            with self.subTest(args=args):
+                self.assert_refused_by_ctl(c.ctl(*args), message)
+        # getopt would take a prompt that starts with '-' for an option; '--' ends the options.
+        r = c.ctl("compare", "m", "-x")
+        self.assertEqual((r.returncode, r.stdout), (1, ""), r)
+        self.assertIn("invalid option", r.stderr)
+        self.assertEqual(self.routing(), before)
+        self.assert_alive(self.pid)
+
+    def test_ctl_new_verbs_against_older_router(self):
+        # This daemon has none of SetModelSplit, GetComparisons, Compare, Probe, nor the
+        # ModelSplits property: each verb says so in one line and exits 1; status and stats
+        # still work, without the parts the daemon does not have.
+        c = self.clients
+        before = self.routing()
+        for args, what, method in ((("split", "file-model", "alpha:80", "beta:20"), "Failed to set the model split",
+                                    "SetModelSplit"),
+                                   (("comparisons",), "Failed to get the comparisons", "GetComparisons"),
+                                   (("comparisons", "5"), "Failed to get the comparisons", "GetComparisons"),
+                                   (("--providers=alpha,beta", "compare", "m", "hello"),
+                                    "Failed to compare the providers", "Compare"),
+                                   (("compare", "m", "hello"), "Failed to compare the providers", "Compare"),
+                                   (("probe", "alpha"), "Failed to probe the provider", "Probe")):
+            with self.subTest(args=args):
+                r = c.ctl(*args)
+                self.assert_refused_by_ctl(r, "%s: the router has no method %s; it is older than this "
+                                              "provider-routerctl." % (what, method))
+                self.assertEqual(len(r.stderr.splitlines()), 1, r)
+        self.assertEqual(self.routing(), before)
+        self.assert_counts(0, 0)
+
+        r = c.ctl("status", "--no-pager")
+        self.assertEqual((r.returncode, r.stderr), (0, ""), r)
+        self.assertNotIn("Model splits", r.stdout)
+        self.assertRegex(r.stdout, r"(?m)^\s*Model mappings: file-model → beta$")
+        r = c.ctl("stats", "--no-pager")
+        self.assertEqual((r.returncode, r.stderr), (0, ""), r)
+        self.assertNotIn("MODEL", r.stdout)
+        self.assertNotIn("MIRROR", r.stdout)
+        self.assert_alive(self.pid)
+
+    def test_ctl_remote_options(self):
+        # -H and -M: refused with --user; reaching nothing is a clear failure. (A real sshd and
+        # container are in the system test, tests/system/inside.sh.)
+        c = self.clients
+        for args in (("--user", "-H", "root@127.0.0.1", "status"), ("-M", "box", "--user", "status"),
+                     ("--host=127.0.0.1", "--user", "set-default", "beta"), ("--machine=box", "--user", "stats")):
+            with self.subTest(args=args):
+                self.assert_refused_by_ctl(c.run([CTL] + list(args)),
+                                           "--user cannot be combined with -H/--host= or -M/--machine=")
+        self.assert_refused_by_ctl(c.ctl("-H", "", "status"), "Empty host name for -H/--host=.")
+        self.assert_refused_by_ctl(c.ctl("--machine=", "status"), "Empty machine name for -M/--machine=.")
+        self.assert_refused_by_ctl(c.ctl("-M", "no/such", "status"), "Invalid machine name 'no/such' for "
+                                                                       "-M/--machine=.")
+        r = c.ctl("-M", "pr-no-such-container", "status")
+        self.assert_refused_by_ctl(r, "No container 'pr-no-such-container' is known to systemd-machined "
+                                      "(see 'machinectl list').")
+        # Argument errors come before ssh is started.
+        r = c.ctl("-H", "root@127.0.0.1:1", "split", "m", "alpha:0")
+        self.assert_refused_by_ctl(r, "Invalid arm 'alpha:0'")
+        if shutil.which("ssh"):
+            # Port 1 on loopback: nothing listens, ssh fails at once and says so, then we do.
+            r = c.ctl("-H", "root@127.0.0.1:1", "status",
+                      env={"HOME": self.workdir, "SSH_AUTH_SOCK": None})
+            self.assertEqual((r.returncode, r.stdout), (1, ""), r)
+            self.assertIn("ssh: connect to host 127.0.0.1 port 1", r.stderr)
+            self.assertIn("Failed to query the router: the connection to 'root@127.0.0.1:1' over SSH failed: ",
+                          r.stderr)
+        self.assert_alive(self.pid)
+
     def test_ctl_german(self):
         # LANGUAGE=de with the .mo from 'meson install --destdir'. provider-routerctl looks in
         # the LOCALEDIR it was built with, and glibc has no variable to point it elsewhere, so
