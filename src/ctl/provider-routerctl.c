@@ -1492,7 +1492,8 @@ static void print_compare(GVariant *records, size_t width, bool *failed) {
                         Line empty = { .text = (char *) "" };
 
                         if (c > 0)
-                                fprintf(out, " %s ", glyph(GLYPH_VERTICAL_LINE));
+                                fprintf(out, last && row >= lines->len ? " %s" : " %s ",
+                                        glyph(GLYPH_VERTICAL_LINE));
                         if (last && row >= lines->len)
                                 break;
                         print_line(row < lines->len ? lines->pdata[row] : &empty, last ? 0 : col);
