@@ -1849,6 +1849,15 @@ class SystemBusTest(BusTestMixin, RouterTestCase):
         self.assertNotIn("Failed to set the default provider", r.stderr)
         # The daemon's own message stays as it is; the ctl's frame is German.
         self.assertIn("No provider 'nope' is configured.", r.stderr)
+        # The newer verbs and options too.
+        r = ctl_de("split", "m", "alpha:0")
+        self.assert_refused_by_ctl(r, "Ungültiger Anteil »alpha:0«")
+        r = ctl_de("--user", "-H", "host", "status")
+        self.assert_refused_by_ctl(r, "--user kann nicht mit -H/--host= oder -M/--machine= kombiniert werden")
+        r = ctl_de("probe", "alpha")
+        self.assert_refused_by_ctl(r, "Anbieter konnte nicht geprüft werden: Der Router hat keine Methode Probe")
+        r = ctl_de("--help")
+        self.assertIn("  -H --host=[BENUTZER@]RECHNER[:PORT]\n", r.stdout)
         # English without the translation asked for.
         r = ctl_de("frobnicate", lang="en")
         self.assertIn("Unknown command 'frobnicate'.", r.stderr)
