@@ -966,6 +966,9 @@ static int get_splits(GVariant **ret) {
         GVariant *v;
         int r;
 
+        r = acquire_bus();
+        if (r < 0)
+                return r;
         r = sd_bus_get_property(bus, BUS_NAME, BUS_PATH, BUS_INTERFACE, "ModelSplits", &error, &reply, "a{sa(su)}");
         if (r < 0) {
                 if (sd_bus_error_has_names(&error, SD_BUS_ERROR_UNKNOWN_PROPERTY, SD_BUS_ERROR_INVALID_ARGS)) {
