@@ -28,8 +28,10 @@ done
 for opt in $(sed -n 's/^ *{ "\([a-z-]*\)", [a-z_]*argument.*/\1/p' "$src/src/ctl/provider-routerctl.c"); do
         grep -q -- "--$opt" "$src/man/provider-routerctl.1.scd" || missing provider-routerctl.1 "--$opt"
 done
-# Verbs from the verb table.
-for verb in $(sed -n 's/^ *{ "\([a-z-]*\)", [0-9], verb_.*/\1/p' "$src/src/ctl/provider-routerctl.c"); do
+# Verbs from the verb table: { "name", MIN, MAX, verb_... }.
+verbs=$(sed -n 's/^ *{ "\([a-z-]*\)", [0-9], [0-9A-Z_]*, verb_.*/\1/p' "$src/src/ctl/provider-routerctl.c")
+[ -n "$verbs" ] || missing provider-routerctl.1 "commands: none found in the verb table (has its shape changed?)"
+for verb in $verbs; do
         grep -q "^\*$verb\*" "$src/man/provider-routerctl.1.scd" || missing provider-routerctl.1 "command $verb"
 done
 # D-Bus members from the vtable.

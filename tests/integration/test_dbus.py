@@ -375,6 +375,236 @@ class FakePolkit(threading.Thread):
         self.sock.close()
 
 
+# --- a stand-in for a newer router, for provider-routerctl's side of the new methods -----------
+
+def _split_types(sig):
+    """'sa{sv}(su)' -> ['s', 'a{sv}', '(su)']: the complete types of a signature."""
+    out, i = [], 0
+    while i < len(sig):
+        j = i
+        while sig[j] == "a":
+            j += 1
+        if sig[j] in "({":
+            depth = 0
+            while True:
+                depth += sig[j] in "({"
+                depth -= sig[j] in ")}"
+                j += 1
+                if depth == 0:
+                    break
+        else:
+            j += 1
+        out.append(sig[i:j])
+        i = j
+    return out
+
+
+_ALIGN = {"y": 1, "g": 1, "v": 1, "n": 2, "q": 2, "b": 4, "i": 4, "u": 4, "s": 4, "o": 4, "a": 4,
+          "x": 8, "t": 8, "d": 8, "(": 8, "{": 8}
+_FIXED = {"n": "<h", "q": "<H", "i": "<i", "u": "<I", "x": "<q", "t": "<Q", "d": "<d"}
+
+
+def _marshal(b, sig, value):
+    """Appends value, of the single complete type sig, to bytearray b (offsets from its start)."""
+    b += b"\0" * (-len(b) % _ALIGN[sig[0]])
+    c = sig[0]
+    if c == "y":
+        b.append(value)
+    elif c == "b":
+        b += struct.pack("<I", 1 if value else 0)
+    elif c in _FIXED:
+        b += struct.pack(_FIXED[c], value)
+    elif c in "so":
+        data = value.encode("utf-8", "surrogateescape")
+        b += struct.pack("<I", len(data)) + data + b"\0"
+    elif c == "g":
+        b += bytes([len(value)]) + value.encode() + b"\0"
+    elif c == "v":
+        vsig, vvalue = value
+        _marshal(b, "g", vsig)
+        _marshal(b, vsig, vvalue)
+    elif c == "a":
+        elem = sig[1:]
+        at = len(b)
+        b += b"\0\0\0\0"
+        b += b"\0" * (-len(b) % _ALIGN[elem[0]])
+        start = len(b)
+        items = value.items() if elem[0] == "{" else value
+        for item in items:
+            _marshal(b, elem, item)
+        struct.pack_into("<I", b, at, len(b) - start)
+    elif c in "({":
+        for t, v in zip(_split_types(sig[1:-1]), value):
+            _marshal(b, t, v)
+    else:
+        raise ValueError("cannot marshal '%s'" % sig)
+
+
+def _unmarshal(d, pos, sig):
+    """(value, new position) of the single complete type sig at pos in bytes d."""
+    pos += -pos % _ALIGN[sig[0]]
+    c = sig[0]
+    if c == "y":
+        return d[pos], pos + 1
+    if c == "b":
+        return bool(struct.unpack_from("<I", d, pos)[0]), pos + 4
+    if c in _FIXED:
+        return struct.unpack_from(_FIXED[c], d, pos)[0], pos + struct.calcsize(_FIXED[c])
+    if c in "so":
+        n = struct.unpack_from("<I", d, pos)[0]
+        return d[pos + 4:pos + 4 + n].decode(), pos + 5 + n
+    if c == "g":
+        n = d[pos]
+        return d[pos + 1:pos + 1 + n].decode(), pos + 2 + n
+    if c == "v":
+        vsig, pos = _unmarshal(d, pos, "g")
+        value, pos = _unmarshal(d, pos, vsig)
+        return (vsig, value), pos
+    if c == "a":
+        n, pos = _unmarshal(d, pos, "u")
+        elem = sig[1:]
+        pos += -pos % _ALIGN[elem[0]]
+        end, items = pos + n, []
+        while pos < end:
+            item, pos = _unmarshal(d, pos, elem)
+            items.append(item)
+        return (dict(items) if elem[0] == "{" else items), pos
+    if c in "({":
+        out = []
+        for t in _split_types(sig[1:-1]):
+            v, pos = _unmarshal(d, pos, t)
+            out.append(v)
+        return tuple(out), pos
+    raise ValueError("cannot unmarshal '%s'" % sig)
+
+
+def sv(**kw):
+    """An a{sv} value for _marshal from keyword arguments given as (signature, value)."""
+    return dict(kw)
+
+
+class FakeRouter(threading.Thread):
+    """org.providerrouter.Router1 as a newer router offers it (INTERFACES.md, DECISIONS.md), on a
+    private bus, speaking the wire protocol itself like FakePolkit: just enough to see what
+    provider-routerctl sends and how it shows the answers. self.answers maps a method (or
+    "Get:PROPERTY") to (signature, value), or to ("error", name, message); calls are kept in
+    self.calls as (member, args)."""
+
+    def __init__(self, socket_path):
+        super().__init__(daemon=True)
+        self.answers = {}
+        self.calls = []
+        self.serial = 0
+        self.stopping = False
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10 * SLOW)
+        self.sock.connect(socket_path)
+        self.buf = b""
+        self.sock.sendall(b"\0AUTH EXTERNAL %s\r\n" % str(os.geteuid()).encode().hex().encode())
+        assert self._line().startswith(b"OK ")
+        self.sock.sendall(b"BEGIN\r\n")
+        self._send(1, [(1, "o", "/org/freedesktop/DBus"), (2, "s", "org.freedesktop.DBus"), (3, "s", "Hello"),
+                       (6, "s", "org.freedesktop.DBus")])
+        self._wait_reply()
+        w = bytearray()
+        _marshal(w, "s", NAME)
+        _marshal(w, "u", 4)
+        self._send(1, [(1, "o", "/org/freedesktop/DBus"), (2, "s", "org.freedesktop.DBus"),
+                       (3, "s", "RequestName"), (6, "s", "org.freedesktop.DBus")], "su", bytes(w))
+        assert self._wait_reply() == [1], "could not own %s" % NAME
+        self.sock.settimeout(0.1)
+        self.start()
+
+    def _line(self):
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(4096)
+            assert chunk, "bus hung up"
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def _send(self, mtype, fields, signature="", body=b""):
+        self.serial += 1
+        if signature:
+            fields = fields + [(8, "g", signature)]
+        h = bytearray(struct.pack("<cBBBII", b"l", mtype, 0, 1, len(body), self.serial))
+        _marshal(h, "a(yv)", [(code, (sig, value)) for code, sig, value in fields])
+        h += b"\0" * (-len(h) % 8)
+        self.sock.sendall(bytes(h) + body)
+
+    def _message(self):
+        while True:
+            if len(self.buf) >= 16:
+                assert self.buf[0:1] == b"l", "FakeRouter reads little-endian messages only"
+                body_len, serial, fields_len = struct.unpack_from("<III", self.buf, 4)
+                header_len = 16 + fields_len + (-(16 + fields_len) % 8)
+                if len(self.buf) >= header_len + body_len:
+                    msg, self.buf = self.buf[:header_len + body_len], self.buf[header_len + body_len:]
+                    raw, _ = _unmarshal(msg, 12, "a(yv)")
+                    fields = {code: value for code, (_sig, value) in raw}
+                    fields["serial"] = serial
+                    sig = fields.get(8, "")
+                    args, pos = [], header_len
+                    for t in _split_types(sig):
+                        v, pos = _unmarshal(msg, pos, t)
+                        args.append(v)
+                    return msg[1], fields, args
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                return None
+            if not chunk:
+                raise EOFError
+            self.buf += chunk
+
+    def _wait_reply(self):
+        while True:
+            m = self._message()
+            assert m is not None, "no reply from the bus"
+            mtype, fields, args = m
+            assert mtype != 3, "bus error %s" % fields.get(4)
+            if mtype == 2:
+                return args
+
+    def run(self):
+        while not self.stopping:
+            try:
+                m = self._message()
+            except (EOFError, OSError):
+                return
+            if m is None or m[0] != 1:
+                continue
+            _mtype, fields, args = m
+            member = fields.get(3)
+            key = member
+            if fields.get(2) == "org.freedesktop.DBus.Properties" and member == "Get":
+                key = "Get:%s" % args[1]
+            self.calls.append((key, args))
+            reply_to = [(5, "u", fields["serial"]), (6, "s", fields[7])]
+            answer = self.answers.get(key)
+            if answer is None:
+                answer = ("error", "org.freedesktop.DBus.Error.UnknownProperty" if key.startswith("Get:")
+                          else "org.freedesktop.DBus.Error.UnknownMethod", "FakeRouter has no %s" % key)
+            w = bytearray()
+            if answer[0] == "error":
+                _marshal(w, "s", answer[2])
+                self._send(3, reply_to + [(4, "s", answer[1])], "s", bytes(w))
+                continue
+            sig, value = answer
+            if key.startswith("Get:"):
+                _marshal(w, "v", (sig, value))
+                sig = "v"
+            elif sig:
+                for t, v in zip(_split_types(sig), value):
+                    _marshal(w, t, v)
+            self._send(2, reply_to, sig, bytes(w))
+
+    def close(self):
+        self.stopping = True
+        self.join(5 * SLOW)
+        self.sock.close()
+
+
 # --- clients --------------------------------------------------------------------------------
 
 class Result:
@@ -1461,6 +1691,121 @@ class SystemBusTest(BusTestMixin, RouterTestCase):
         self.assertEqual(c.prop("DefaultProvider"), "alpha")
         self.assert_alive(self.pid)
 
+    def test_ctl_new_verbs_arguments(self):
+        # split, comparisons, compare, probe: wrong arguments are refused before anything is sent,
+        # so the daemon (which may not know these methods at all) never sees them.
+        c = self.clients
+        r = c.ctl("--help")
+        for verb in ("split MODEL PROVIDER[:WEIGHT]...", "comparisons [N]", "compare MODEL PROMPT", "probe NAME"):
+            self.assertRegex(r.stdout, r"(?m)^  %s\s" % re.escape(verb))
+        for opt in ("-H --host=[USER@]HOST[:PORT]", "-M --machine=CONTAINER", "--providers=NAME,..."):
+            self.assertIn(opt, r.stdout)
+        before = self.routing()
+        refusals = [
+            (("split", "m"), "Too few arguments for 'split'."),
+            (("split",), "Too few arguments for 'split'."),
+            (("split", "m", "alpha:0"), "Invalid arm 'alpha:0': expected PROVIDER or PROVIDER:WEIGHT, with a "
+                                        "weight from 1 to 4294967295."),
+            (("split", "m", "alpha:-1"), "Invalid arm 'alpha:-1'"),
+            (("split", "m", "alpha:+2"), "Invalid arm 'alpha:+2'"),
+            (("split", "m", "alpha: 2"), "Invalid arm 'alpha: 2'"),
+            (("split", "m", "alpha:2x"), "Invalid arm 'alpha:2x'"),
+            (("split", "m", "alpha:"), "Invalid arm 'alpha:'"),
+            (("split", "m", ":5"), "Invalid arm ':5'"),
+            (("split", "m", ""), "Invalid arm ''"),
+            (("split", "m", "alpha:4294967296"), "Invalid arm 'alpha:4294967296'"),
+            (("split", "m", "alpha:80", "beta", "alpha:1"), "Provider 'alpha' is named twice in the split of 'm'."),
+            (("comparisons", "0"), "Invalid number of comparisons '0': expected a whole number from 1 to 4294967295."),
+            (("comparisons", "--", "-3"), "Invalid number of comparisons '-3'"),
+            (("comparisons", "ten"), "Invalid number of comparisons 'ten'"),
+            (("comparisons", "4294967296"), "Invalid number of comparisons '4294967296'"),
+            (("comparisons", "1", "2"), "Too many arguments for 'comparisons'."),
+            (("compare", "m"), "Too few arguments for 'compare'."),
+            (("compare", "m", "p", "q"), "Too many arguments for 'compare'."),
+            (("compare", "m", ""), "The prompt is empty."),
+            (("--providers=alpha,,beta", "compare", "m", "p"), "Invalid --providers='alpha,,beta': expected "
+                                                               "NAME[,NAME...]."),
+            (("--providers=", "compare", "m", "p"), "Invalid --providers=''"),
+            (("--providers=alpha,", "compare", "m", "p"), "Invalid --providers='alpha,'"),
+            (("--providers=beta,beta", "compare", "m", "p"), "A provider is named twice in --providers='beta,beta'."),
+            (("--providers=alpha", "status"), "--providers= is an option of 'compare' only."),
+            (("--providers=alpha", "split", "m", "alpha"), "--providers= is an option of 'compare' only."),
+            (("probe",), "Too few arguments for 'probe'."),
+            (("probe", "alpha", "beta"), "Too many arguments for 'probe'."),
+            (("split", "m", b"al\xffpha".decode("utf-8", "surrogateescape")), "is not valid UTF-8"),
+            (("compare", "m", b"\xc3(".decode("utf-8", "surrogateescape")), "is not valid UTF-8"),
+        ]
+        for args, message in refusals:
+            with self.subTest(args=args):
+                self.assert_refused_by_ctl(c.ctl(*args), message)
+        # getopt would take a prompt that starts with '-' for an option; '--' ends the options.
+        r = c.ctl("compare", "m", "-x")
+        self.assertEqual((r.returncode, r.stdout), (1, ""), r)
+        self.assertIn("invalid option", r.stderr)
+        self.assertEqual(self.routing(), before)
+        self.assert_alive(self.pid)
+
+    def test_ctl_new_verbs_against_older_router(self):
+        # This daemon has none of SetModelSplit, GetComparisons, Compare, Probe, nor the
+        # ModelSplits property: each verb says so in one line and exits 1; status and stats
+        # still work, without the parts the daemon does not have.
+        c = self.clients
+        before = self.routing()
+        for args, what, method in ((("split", "file-model", "alpha:80", "beta:20"), "Failed to set the model split",
+                                    "SetModelSplit"),
+                                   (("comparisons",), "Failed to get the comparisons", "GetComparisons"),
+                                   (("comparisons", "5"), "Failed to get the comparisons", "GetComparisons"),
+                                   (("--providers=alpha,beta", "compare", "m", "hello"),
+                                    "Failed to compare the providers", "Compare"),
+                                   (("compare", "m", "hello"), "Failed to compare the providers", "Compare"),
+                                   (("probe", "alpha"), "Failed to probe the provider", "Probe")):
+            with self.subTest(args=args):
+                r = c.ctl(*args)
+                self.assert_refused_by_ctl(r, "%s: the router has no method %s; it is older than this "
+                                              "provider-routerctl." % (what, method))
+                self.assertEqual(len(r.stderr.splitlines()), 1, r)
+        self.assertEqual(self.routing(), before)
+        self.assert_counts(0, 0)
+
+        r = c.ctl("status", "--no-pager")
+        self.assertEqual((r.returncode, r.stderr), (0, ""), r)
+        self.assertNotIn("Model splits", r.stdout)
+        self.assertRegex(r.stdout, r"(?m)^\s*Model mappings: file-model → beta$")
+        r = c.ctl("stats", "--no-pager")
+        self.assertEqual((r.returncode, r.stderr), (0, ""), r)
+        self.assertNotIn("MODEL", r.stdout)
+        self.assertNotIn("MIRROR", r.stdout)
+        self.assert_alive(self.pid)
+
+    def test_ctl_remote_options(self):
+        # -H and -M: refused with --user; reaching nothing is a clear failure. (A real sshd and
+        # container are in the system test, tests/system/inside.sh.)
+        c = self.clients
+        for args in (("--user", "-H", "root@127.0.0.1", "status"), ("-M", "box", "--user", "status"),
+                     ("--host=127.0.0.1", "--user", "set-default", "beta"), ("--machine=box", "--user", "stats")):
+            with self.subTest(args=args):
+                self.assert_refused_by_ctl(c.run([CTL] + list(args)),
+                                           "--user cannot be combined with -H/--host= or -M/--machine=")
+        self.assert_refused_by_ctl(c.ctl("-H", "", "status"), "Empty host name for -H/--host=.")
+        self.assert_refused_by_ctl(c.ctl("--machine=", "status"), "Empty machine name for -M/--machine=.")
+        self.assert_refused_by_ctl(c.ctl("-M", "no/such", "status"), "Invalid machine name 'no/such' for "
+                                                                       "-M/--machine=.")
+        r = c.ctl("-M", "pr-no-such-container", "status")
+        self.assert_refused_by_ctl(r, "No container 'pr-no-such-container' is known to systemd-machined "
+                                      "(see 'machinectl list').")
+        # Argument errors come before ssh is started.
+        r = c.ctl("-H", "root@127.0.0.1:1", "split", "m", "alpha:0")
+        self.assert_refused_by_ctl(r, "Invalid arm 'alpha:0'")
+        if shutil.which("ssh"):
+            # Port 1 on loopback: nothing listens, ssh fails at once and says so, then we do.
+            r = c.ctl("-H", "root@127.0.0.1:1", "status",
+                      env={"HOME": self.workdir, "SSH_AUTH_SOCK": None})
+            self.assertEqual((r.returncode, r.stdout), (1, ""), r)
+            self.assertIn("ssh: connect to host 127.0.0.1 port 1", r.stderr)
+            self.assertIn("Failed to query the router: the connection to 'root@127.0.0.1:1' over SSH failed: ",
+                          r.stderr)
+        self.assert_alive(self.pid)
+
     def test_ctl_german(self):
         # LANGUAGE=de with the .mo from 'meson install --destdir'. provider-routerctl looks in
         # the LOCALEDIR it was built with, and glibc has no variable to point it elsewhere, so
@@ -1504,6 +1849,15 @@ class SystemBusTest(BusTestMixin, RouterTestCase):
         self.assertNotIn("Failed to set the default provider", r.stderr)
         # The daemon's own message stays as it is; the ctl's frame is German.
         self.assertIn("No provider 'nope' is configured.", r.stderr)
+        # The newer verbs and options too.
+        r = ctl_de("split", "m", "alpha:0")
+        self.assert_refused_by_ctl(r, "Ungültiger Anteil »alpha:0«")
+        r = ctl_de("--user", "-H", "host", "status")
+        self.assert_refused_by_ctl(r, "--user kann nicht mit -H/--host= oder -M/--machine= kombiniert werden")
+        r = ctl_de("probe", "alpha")
+        self.assert_refused_by_ctl(r, "Anbieter konnte nicht geprüft werden: Der Router hat keine Methode Probe")
+        r = ctl_de("--help")
+        self.assertIn("  -H --host=[BENUTZER@]RECHNER[:PORT]\n", r.stdout)
         # English without the translation asked for.
         r = ctl_de("frobnicate", lang="en")
         self.assertIn("Unknown command 'frobnicate'.", r.stderr)
@@ -1515,6 +1869,334 @@ class SystemBusTest(BusTestMixin, RouterTestCase):
         with open(policies[0]) as f:
             self.assertIn('<message xml:lang="de">', f.read())
         self.assert_alive(self.pid)
+
+
+# --- provider-routerctl against a newer router: FakeRouter on a private session bus -------------
+
+def _rec(**kw):
+    """An a{sv} record: ints are 't', floats 'd', bools 'b', strings 's', lists of str 'as'."""
+    out = {}
+    for k, v in kw.items():
+        if isinstance(v, tuple):
+            out[k] = v
+        elif isinstance(v, bool):
+            out[k] = ("b", v)
+        elif isinstance(v, int):
+            out[k] = ("t", v)
+        elif isinstance(v, float):
+            out[k] = ("d", v)
+        elif isinstance(v, list):
+            out[k] = ("as", v)
+        else:
+            out[k] = ("s", v)
+    return out
+
+
+LONG_ANSWER = " ".join("word%d" % i for i in range(120)) + "\n\n    indented code line\nend."
+
+
+@NEEDS_TOOLS
+class CtlNewMethodsTest(RouterTestCase):
+    """What provider-routerctl sends for split, comparisons, compare and probe, and how it shows the
+    answers (status with ModelSplits, stats with routes and pairs), against FakeRouter, which answers
+    with the signatures of INTERFACES.md and DECISIONS.md. No daemon: the daemon's side of these
+    methods is tested with the daemon."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.workdir = tempfile.mkdtemp(prefix="provider-router-ctl-fake-")
+        os.chmod(cls.workdir, 0o755)
+        cls.bus = PrivateBus(cls.workdir, "session")
+        cls.clients = Clients(cls.bus)
+        cls.fake = FakeRouter(cls.bus.socket_path)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.fake.close()
+        cls.bus.shut_down()
+        shutil.rmtree(cls.workdir, ignore_errors=True)
+
+    def setUp(self):
+        stats = {"alpha": _rec(requests=5, errors=0, in_flight=("u", 0), state="up"),
+                 "beta": _rec(requests=3, errors=1, in_flight=("u", 0), state="up"),
+                 "*": _rec(requests=8, errors=1, in_flight=("u", 0))}
+        self.fake.answers = {"Get:DefaultProvider": ("s", "alpha"), "Get:Providers": ("as", ["alpha", "beta"]),
+                             "Get:Version": ("s", "9.9"), "Get:ModelMappings": ("a{ss}", {"file-model": "beta"}),
+                             "GetStats": ("a{sa{sv}}", [stats])}
+        self.fake.calls = []
+
+    def ctl(self, *args, env=None):
+        return self.clients.ctl("--no-pager", *args, env=env)
+
+    def calls(self, member):
+        return [args for m, args in self.fake.calls if m == member]
+
+    def assert_clean(self, r, rc=0):
+        self.assertEqual((r.returncode, r.stderr), (rc, ""), r)
+        self.assertNotIn("\x1b", r.stdout)
+
+    # -- status and split ---------------------------------------------------------------------
+
+    def test_status_model_splits(self):
+        # Absent (a router older than the property): no line, no error.
+        r = self.ctl("status")
+        self.assert_clean(r)
+        self.assertNotIn("Model splits", r.stdout)
+        self.assertEqual(len(self.calls("Get:ModelSplits")), 1)
+
+        self.fake.answers["Get:ModelSplits"] = ("a{sa(su)}", {"qwen3-coder": [("alpha", 80), ("beta", 20)],
+                                                             "*": [("alpha", 1), ("beta", 1), ("gam\x1bma", 1)]})
+        r = self.ctl("status")
+        self.assert_clean(r)
+        self.assertRegex(r.stdout, r"(?m)^\s*Model mappings: file-model → beta\n"
+                                   r"\s*Model splits: qwen3-coder → alpha 80%, beta 20%\n"
+                                   r"\s+\* → alpha 33%, beta 33%, gam\?ma 33%\n\s*Providers: alpha \[default\]")
+        # The labels line up.
+        labels = [line.index(":") for line in r.stdout.splitlines() if re.match(r"^\s*[A-Z][a-z ]+:", line)]
+        self.assertEqual(len(set(labels)), 1, r.stdout)
+
+        self.fake.answers["Get:ModelSplits"] = ("a{sa(su)}", {})
+        r = self.ctl("status")
+        self.assert_clean(r)
+        self.assertNotIn("Model splits", r.stdout)
+
+    def test_split(self):
+        self.fake.answers["SetModelSplit"] = ("", ())
+        for args, sent in ((("qwen3-coder", "alpha:80", "beta:20"), ["qwen3-coder", [("alpha", 80), ("beta", 20)]]),
+                           (("*", "alpha", "beta:3"), ["*", [("alpha", 1), ("beta", 3)]]),
+                           (("m", "lm:studio:4294967295"), ["m", [("lm:studio", 4294967295)]]),
+                           (("m", "alpha:007"), ["m", [("alpha", 7)]])):
+            with self.subTest(args=args):
+                self.fake.calls = []
+                r = self.ctl("split", *args)
+                self.assertEqual((r.returncode, r.stdout, r.stderr), (0, "", ""), r)
+                self.assertEqual(self.calls("SetModelSplit"), [sent])
+
+        self.fake.answers["SetModelSplit"] = ("error", ERR + "NoSuchProvider",
+                                              "No provider 'nope' is configured. Known providers: alpha, beta.")
+        r = self.ctl("split", "m", "alpha:1", "nope:2")
+        self.assertEqual((r.returncode, r.stdout), (1, ""), r)
+        self.assertEqual(r.stderr, "Failed to set the model split: No provider 'nope' is configured. Known "
+                                   "providers: alpha, beta.\n")
+        self.fake.answers["SetModelSplit"] = ("error", ACCESS_DENIED, "Access denied")
+        r = self.ctl("split", "m", "alpha:1")
+        self.assertEqual(r.returncode, 1, r)
+        self.assertIn("Failed to set the model split: Access denied\nChanging routing needs root", r.stderr)
+
+    # -- comparisons --------------------------------------------------------------------------
+
+    def comparison(self, when, model, p_status=200, m_status=200, m_error="", similarity=0.87, **kw):
+        rec = _rec(request_id="%032x" % when, time_realtime_usec=when * 1000000, model=model, origin="mirror",
+                   primary_provider="alpha", primary_status=("u", p_status), primary_ttfb_usec=100000,
+                   primary_duration_usec=1500000, primary_prompt_tokens=12, primary_completion_tokens=60,
+                   primary_tokens_per_sec=40.0, primary_finish_reason="stop", primary_tool_calls=[],
+                   primary_answer_length=300, primary_error="",
+                   mirror_provider="beta", mirror_status=("u", m_status), mirror_ttfb_usec=220000,
+                   mirror_duration_usec=1200000, mirror_prompt_tokens=12, mirror_completion_tokens=63,
+                   mirror_tokens_per_sec=52.5, mirror_finish_reason="stop", mirror_tool_calls=["get_weather"],
+                   mirror_answer_length=310, mirror_error=m_error)
+        if similarity is not None:
+            rec["similarity"] = ("d", similarity)
+        rec.update(_rec(**kw))
+        return rec
+
+    def test_comparisons_table(self):
+        now = int(time.time())
+        newest = self.comparison(now, "qwen3-coder")
+        older = self.comparison(now - 3600, "m\x1b[31mred", m_status=0, m_error="connection refused",
+                                similarity=None, mirror_ttfb_usec=0, mirror_duration_usec=0,
+                                mirror_tokens_per_sec=0.0)
+        self.fake.answers["GetComparisons"] = ("aa{sv}", [[newest, older]])
+
+        r = self.ctl("comparisons")
+        self.assert_clean(r)
+        self.assertEqual(self.calls("GetComparisons"), [[20]])
+        lines = r.stdout.splitlines()
+        self.assertEqual(lines[0].split(), ["TIME", "MODEL", "PRIMARY", "MIRROR", "STATUS", "TTFB-DIFF", "TIME-DIFF",
+                                            "TOKENS/S", "SIMILARITY"])
+        table = lines[:3]
+        # Columns line up: the last one is right-aligned, so every line is as long.
+        self.assertEqual(len({len(line) for line in table}), 1, r.stdout)
+        # Oldest first, newest last.
+        self.assertEqual(table[1].split()[3:], ["m?[31mred", "alpha", "beta", "200/err", "-", "-", "40.0/-", "-"])
+        self.assertTrue(table[1].startswith(time.strftime("%b %d %H:%M:%S", time.localtime(now - 3600))), table)
+        self.assertEqual(table[2].split()[3:], ["qwen3-coder", "alpha", "beta", "200/200", "+120.0ms", "-300.0ms",
+                                                "40.0/52.5", "0.87"])
+        self.assertTrue(table[2].startswith(time.strftime("%b %d %H:%M:%S", time.localtime(now))), table)
+        self.assertIn("2 comparisons listed, newest last.", r.stdout)
+        self.assertIn("journalctl MESSAGE_ID=3f0a1c9e6b2d4e8f9a7c5b1d2e4f6a80", r.stdout)
+
+        r = self.ctl("--no-legend", "comparisons", "5")
+        self.assert_clean(r)
+        self.assertEqual(self.calls("GetComparisons")[-1], [5])
+        self.assertEqual([line.split()[3] for line in r.stdout.splitlines()], ["m?[31mred", "qwen3-coder"])
+
+        self.fake.answers["GetComparisons"] = ("aa{sv}", [[]])
+        r = self.ctl("comparisons", "1")
+        self.assert_clean(r)
+        self.assertEqual(r.stdout, "No comparisons recorded.\n")
+
+        # An answer of another shape is refused, not misread.
+        self.fake.answers["GetComparisons"] = ("a{sv}", [{}])
+        r = self.ctl("comparisons")
+        self.assertEqual((r.returncode, r.stdout), (1, ""), r)
+        self.assertEqual(r.stderr, "Failed to get the comparisons: unexpected answer from the router (signature "
+                                   "'a{sv}' instead of 'aa{sv}').\n")
+
+    # -- compare ------------------------------------------------------------------------------
+
+    def answer(self, provider, content, status=200, error="", **kw):
+        rec = _rec(provider=provider, status=("u", status), ttfb_usec=120000, duration_usec=1500000,
+                   prompt_tokens=12, completion_tokens=85, tokens_per_sec=56.7, finish_reason="stop",
+                   content=content, error=error)
+        rec.update(_rec(**kw))
+        return rec
+
+    def test_compare_side_by_side(self):
+        self.fake.answers["Compare"] = ("aa{sv}", [[self.answer("alpha", LONG_ANSWER),
+                                                   self.answer("beta", "Hi!\x1b]0;pwned\x07 there\ttab")]])
+        r = self.ctl("--providers=alpha,beta", "compare", "qwen3-coder", "Say hi", env={"COLUMNS": "100"})
+        self.assert_clean(r)
+        self.assertEqual(self.calls("Compare"), [["qwen3-coder", ["alpha", "beta"], "Say hi"]])
+        lines = r.stdout.splitlines()
+        self.assertTrue(all(len(line) <= 100 for line in lines), r.stdout)
+        col = (100 - 3) // 2
+        self.assertTrue(all(line[col:col + 3] in (" │ ", " │") for line in lines), r.stdout)
+        self.assertEqual([line for line in lines if line.endswith(" ")], [])
+        left = [line[:col].rstrip() for line in lines]
+        right = [line[col + 3:] for line in lines]
+        self.assertEqual(left[:4], ["alpha", "status 200, finish reason stop", "TTFB 120.0ms, total 1.50s",
+                                    "tokens: 12 in, 85 out, 56.7/s"])
+        self.assertEqual(right[:4], ["beta", "status 200, finish reason stop", "TTFB 120.0ms, total 1.50s",
+                                     "tokens: 12 in, 85 out, 56.7/s"])
+        self.assertEqual(left[4], "─" * col)
+        # The long answer is all there, in order, wrapped at spaces; its indentation is kept.
+        body = left[5:]
+        self.assertEqual(" ".join(" ".join(body).split()), " ".join(LONG_ANSWER.split()))
+        self.assertGreater(len(body), 10)
+        self.assertIn("    indented code line", body)
+        # The other answer, its escape sequence defused.
+        self.assertEqual(right[5].rstrip(), "Hi!?]0;pwned? there tab")
+
+        # Without --providers, the router chooses: an empty list.
+        r = self.ctl("compare", "qwen3-coder", "Say hi", env={"COLUMNS": "100"})
+        self.assert_clean(r)
+        self.assertEqual(self.calls("Compare")[-1], ["qwen3-coder", [], "Say hi"])
+
+    def test_compare_narrow_and_failures(self):
+        answers = [self.answer("alpha", "short one"), self.answer("beta", "", status=502, error="upstream said no",
+                                                                  finish_reason="", completion_tokens=0,
+                                                                  tokens_per_sec=0.0),
+                   self.answer("gamma", "third")]
+        self.fake.answers["Compare"] = ("aa{sv}", [answers])
+        # Three side by side need 3 x 28 columns and two separators.
+        r = self.ctl("compare", "m", "p", env={"COLUMNS": "90"})
+        self.assert_clean(r, rc=1)  # beta failed
+        self.assertIn("alpha", r.stdout.splitlines()[0])
+        self.assertIn("gamma", r.stdout.splitlines()[0])
+        self.assertIn("error: upstream said no", r.stdout)
+        self.assertIn("status 502", r.stdout)
+        self.assertIn("tokens: 12 in, 0 out, -/s", r.stdout)
+
+        r = self.ctl("compare", "m", "p", env={"COLUMNS": "80"})
+        self.assert_clean(r, rc=1)
+        self.assertNotIn("│", r.stdout)
+        blocks = r.stdout.split("\n\n")
+        self.assertEqual([b.splitlines()[0] for b in blocks], ["alpha", "beta", "gamma"])
+        self.assertTrue(all(len(line) <= 80 for line in r.stdout.splitlines()))
+
+        self.fake.answers["Compare"] = ("aa{sv}", [[self.answer("alpha", "ok")]])
+        r = self.ctl("compare", "m", "p", env={"COLUMNS": "80"})
+        self.assert_clean(r)
+        self.assertEqual(r.stdout.splitlines()[-1], "ok")
+
+        self.fake.answers["Compare"] = ("aa{sv}", [[]])
+        r = self.ctl("compare", "m", "p")
+        self.assertEqual((r.returncode, r.stdout), (1, ""), r)
+        self.assertEqual(r.stderr, "Failed to compare the providers: the router compared no provider.\n")
+
+        self.fake.answers["Compare"] = ("error", ERR + "NoSuchProvider", "No provider 'x' is configured.")
+        r = self.ctl("--providers=x", "compare", "m", "p")
+        self.assertEqual((r.returncode, r.stdout, r.stderr),
+                         (1, "", "Failed to compare the providers: No provider 'x' is configured.\n"), r)
+
+    # -- probe --------------------------------------------------------------------------------
+
+    def probe_result(self, checks, passed=None):
+        return ("a{sv}", [_rec(provider="alpha", passed=all(ok for _, ok, _ in checks) if passed is None else passed,
+                               ttfb_usec=120000, checks=("a(sbs)", checks))])
+
+    def test_probe_checklist(self):
+        checks = [("/models lists the model", True, "alpha-1 is listed"),
+                  ("a plain answer", True, "200, 2 tokens"),
+                  ("a stream ends with [DONE]", True, "4 frames, then [DONE]")]
+        self.fake.answers["Probe"] = self.probe_result(checks)
+        r = self.ctl("probe", "alpha")
+        self.assert_clean(r)
+        self.assertEqual(self.calls("Probe"), [["alpha"]])
+        lines = r.stdout.splitlines()
+        self.assertEqual(lines[0], "Conformance of alpha:")
+        self.assertEqual(lines[1].split(), ["CHECK", "DETAIL"])
+        self.assertEqual(lines[2], "✓  /models lists the model    alpha-1 is listed")
+        self.assertEqual(lines[4], "✓  a stream ends with [DONE]  4 frames, then [DONE]")
+        self.assertEqual(lines[5:], ["Time to first byte: 120.0ms", "All 3 checks passed."])
+
+        checks[2] = ("a stream ends with [DONE]", False, "the stream ended without data: [DONE]")
+        self.fake.answers["Probe"] = self.probe_result(checks)
+        r = self.ctl("--no-legend", "probe", "alpha")
+        self.assert_clean(r, rc=1)
+        self.assertIn("✗  a stream ends with [DONE]  the stream ended without data: [DONE]", r.stdout)
+        self.assertEqual(r.stdout.splitlines()[-1], "1 of 3 checks failed.")
+        self.assertNotIn("CHECK", r.stdout)
+
+        # Without UTF-8, ASCII marks.
+        r = self.ctl("probe", "alpha", env={"LANG": "C", "LC_ALL": "C"})
+        self.assertEqual(r.returncode, 1, r)
+        self.assertIn("-  a stream ends with [DONE]", r.stdout)
+        self.assertIn("+  a plain answer", r.stdout)
+
+        # Not passed with no failed check (the probe could not run): still exit 1.
+        self.fake.answers["Probe"] = self.probe_result([], passed=False)
+        r = self.ctl("probe", "alpha")
+        self.assert_clean(r, rc=1)
+        self.assertEqual(r.stdout.splitlines()[-1], "The probe did not pass.")
+
+        self.fake.answers["Probe"] = ("error", ERR + "NoSuchProvider", "No provider 'x' is configured.")
+        r = self.ctl("probe", "x")
+        self.assertEqual((r.returncode, r.stdout, r.stderr),
+                         (1, "", "Failed to probe the provider: No provider 'x' is configured.\n"), r)
+
+    # -- stats --------------------------------------------------------------------------------
+
+    def test_stats_routes_and_pairs(self):
+        routes = [_rec(model="qwen3-coder", provider="alpha", requests=80, errors=1, ttfb_p50_usec=90000,
+                       ttfb_p99_usec=400000, latency_p50_usec=1200000, latency_p99_usec=3000000,
+                       tokens_per_sec_p50=41.5),
+                  _rec(model="qwen3-coder", provider="beta", requests=20, errors=0, ttfb_p50_usec=150000,
+                       ttfb_p99_usec=500000, latency_p50_usec=1500000, latency_p99_usec=3500000,
+                       tokens_per_sec_p50=38.25)]
+        pairs = [_rec(primary="alpha", mirror="beta", count=42, similarity_p50=0.87,
+                      latency_delta_p50_usec=("x", -300000), ttfb_delta_p50_usec=("x", 120000),
+                      primary_error_rate=0.0, mirror_error_rate=0.024)]
+        stats = self.fake.answers["GetStats"][1][0]
+        stats["*"].update(routes=("aa{sv}", routes), comparisons=("aa{sv}", pairs))
+        r = self.ctl("stats")
+        self.assert_clean(r)
+        lines = r.stdout.splitlines()
+        i = lines.index(next(line for line in lines if line.startswith("MODEL")))
+        self.assertEqual(lines[i].split(), ["MODEL", "PROVIDER", "REQUESTS", "ERRORS", "P50", "P99", "TTFB-P50",
+                                            "TTFB-P99", "TOKENS/S"])
+        self.assertEqual(lines[i + 1].split(), ["qwen3-coder", "alpha", "80", "1", "1.20s", "3.00s", "90.0ms",
+                                                "400.0ms", "41.5"])
+        self.assertEqual(lines[i + 2].split()[:3], ["qwen3-coder", "beta", "20"])
+        j = lines.index(next(line for line in lines if line.startswith("PRIMARY")))
+        self.assertEqual(lines[j].split(), ["PRIMARY", "MIRROR", "COUNT", "SIMILARITY", "TIME-DIFF", "TTFB-DIFF",
+                                            "PRIMARY-ERRORS", "MIRROR-ERRORS"])
+        self.assertEqual(lines[j + 1].split(), ["alpha", "beta", "42", "0.87", "-300.0ms", "+120.0ms", "0.0%",
+                                                "2.4%"])
+        # The provider table above is as before.
+        self.assertEqual(lines[0].split()[0], "PROVIDER")
+        self.assertEqual(lines[1].split()[:3], ["alpha", "5", "0"])
 
 
 # --- restarts: a daemon of their own per test ----------------------------------------------------

@@ -322,6 +322,76 @@ check "a D-Bus call starts the stopped service (SystemdService=)" \
         sh -c 'busctl --timeout=30 get-property org.providerrouter.Router1 /org/providerrouter/Router1 org.providerrouter.Router1 Version | grep -q "^s " && systemctl is-active --quiet provider-router.service'
 check "provider-routerctl status works" sh -c 'provider-routerctl --no-pager status | grep -q "Default provider"'
 
+# ---- provider-routerctl -H: a router reached over SSH ----------------------------------
+# A real sshd on loopback in the container, a key for root, and provider-routerctl -H going
+# through it (ssh -xT root@127.0.0.1 systemd-stdio-bridge) to this system bus, as it would
+# to another host. Also an unprivileged login: it reads, it cannot change.
+ctl_ssh_setup() {
+        # Ours, on loopback only: not the package's ssh.service on every address.
+        systemctl disable --now ssh.service ssh.socket >/dev/null 2>&1 || true
+        [ -e /etc/ssh/ssh_host_ed25519_key ] || ssh-keygen -A >/dev/null || return 1
+        mkdir -p /run/sshd
+        systemd-run --quiet --unit=pr-sshd /usr/sbin/sshd -D -e -o ListenAddress=127.0.0.1 \
+                -o PasswordAuthentication=no -o KbdInteractiveAuthentication=no \
+                -o PermitRootLogin=prohibit-password || return 1
+        install -d -m 0700 /root/.ssh
+        rm -f /root/.ssh/id_ed25519 /root/.ssh/id_ed25519.pub
+        ssh-keygen -q -t ed25519 -N '' -C pr-systest -f /root/.ssh/id_ed25519 || return 1
+        install -m 0600 /root/.ssh/id_ed25519.pub /root/.ssh/authorized_keys
+        id prtester >/dev/null 2>&1 || useradd -m -s /bin/bash prtester || return 1
+        install -d -m 0700 -o prtester -g prtester ~prtester/.ssh
+        install -m 0600 -o prtester -g prtester /root/.ssh/id_ed25519.pub ~prtester/.ssh/authorized_keys
+        wait_for 15 sh -c 'ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null | grep -q ssh-ed25519' || return 1
+        # The host key pinned, as an administrator would.
+        ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null >/root/.ssh/known_hosts
+        ssh -o BatchMode=yes root@127.0.0.1 true
+}
+check "sshd on 127.0.0.1 in the container, root logs in with a key" ctl_ssh_setup
+health_default() { curl -sf --max-time 10 "$url/health" | python3 -c 'import json, sys; print(json.load(sys.stdin)["default_provider"])'; }
+ctl_remote_status() {
+        local out
+        out=$(provider-routerctl -H root@127.0.0.1 --no-pager status) || return 1
+        echo "$out"
+        grep -q "^ *Default provider: $(default_provider)$" <<<"$out" && grep -q "^ *Version: " <<<"$out"
+}
+check "provider-routerctl -H root@127.0.0.1 status" ctl_remote_status
+note "provider-routerctl -H root@127.0.0.1 status:"
+provider-routerctl -H root@127.0.0.1 --no-pager status 2>&1 | sed 's/^/#   /'
+check "provider-routerctl -H root@127.0.0.1:22 providers (with a port)" \
+        sh -c 'provider-routerctl -H root@127.0.0.1:22 --no-pager providers | grep -q "^echo "'
+before=$(main_pid)
+ctl_remote_change() {
+        provider-routerctl -H root@127.0.0.1 set-default echo || return 1
+        is_default echo && [ "$(health_default)" = echo ]
+}
+check "provider-routerctl -H root@127.0.0.1 set-default echo: DefaultProvider and /health say echo" ctl_remote_change
+ctl_remote_routed() {
+        chat remote "" '{"model":"unmapped","messages":[{"role":"user","content":"via ssh"}]}' &&
+                served_by remote echo && same_pid "$before"
+}
+check "... and the next request goes to echo, without a restart" ctl_remote_routed
+ctl_remote_unprivileged() {
+        local out rc=0
+        provider-routerctl -H prtester@127.0.0.1 --no-pager status | grep -q "Default provider: echo" || return 1
+        out=$(provider-routerctl -H prtester@127.0.0.1 set-default mock 2>&1) || rc=$?
+        echo "$out"
+        [ $rc = 1 ] && grep -q "org.providerrouter.Router1.manage on 'prtester@127.0.0.1'" <<<"$out" && is_default echo
+}
+check "-H prtester@127.0.0.1 (unprivileged) reads, but set-default is refused by polkit there" ctl_remote_unprivileged
+ctl_remote_reload() { provider-routerctl -H root@127.0.0.1 reload && wait_for 10 is_default lm-studio; }
+check "provider-routerctl -H root@127.0.0.1 reload returns to the configured default" ctl_remote_reload
+ctl_remote_refusals() {
+        local out
+        out=$(provider-routerctl -H root@127.0.0.1 --user status 2>&1) && return 1
+        grep -q -- "--user cannot be combined with -H" <<<"$out" || { echo "$out"; return 1; }
+        # No sshd on that port: ssh's reason, then ours.
+        out=$(provider-routerctl -H root@127.0.0.1:2 status 2>&1) && return 1
+        echo "$out"
+        grep -q "over SSH failed" <<<"$out"
+}
+check "-H with --user is refused; an unreachable sshd is a clear failure" ctl_remote_refusals
+systemctl stop pr-sshd.service 2>/dev/null || true
+
 # ---- an existing .env of the original router as EnvironmentFile= ------------------------
 cat >/etc/provider-router/provider-router.env <<EOF
 # the plan's variables
