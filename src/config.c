@@ -94,6 +94,8 @@ Config *config_free(Config *c) {
         g_free(c->client_tokens_file);
         if (c->client_token_digests)
                 g_ptr_array_unref(c->client_token_digests);
+        if (c->providers_by_name)
+                g_hash_table_unref(c->providers_by_name);
         if (c->providers)
                 g_ptr_array_unref(c->providers);
         if (c->mappings)
@@ -108,12 +110,15 @@ Config *config_free(Config *c) {
 ProviderConfig *config_find_provider(const Config *c, const char *name) {
         if (!name)
                 return NULL;
-        for (guint i = 0; i < c->providers->len; i++) {
-                ProviderConfig *p = c->providers->pdata[i];
-                if (streq(p->name, name))
-                        return p;
-        }
-        return NULL;
+        return g_hash_table_lookup(c->providers_by_name, name);
+}
+
+/* Takes the reference; the name must be new. */
+static ProviderConfig *config_add_provider(Config *c, ProviderConfig *p) {
+        g_assert(!g_hash_table_contains(c->providers_by_name, p->name));
+        g_ptr_array_add(c->providers, p);
+        g_hash_table_insert(c->providers_by_name, p->name, p);
+        return p;
 }
 
 static Config *config_new_empty(void) {
@@ -144,6 +149,7 @@ static Config *config_new_empty(void) {
         c->retry_backoff_usec = 250 * USEC_PER_MSEC;
         c->max_retry_wait_usec = 10 * USEC_PER_SEC;
         c->providers = g_ptr_array_new_with_free_func(provider_config_destroy);
+        c->providers_by_name = g_hash_table_new(g_str_hash, g_str_equal);
         c->mappings = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
         c->mapping_order = g_ptr_array_new_with_free_func(g_free);
         return c;
@@ -183,7 +189,7 @@ static const char *const builtin_provider_names[] = { "lm-studio", "qwen-proxy",
 static void config_add_builtin_providers(Config *c) {
         for (size_t i = 0; i < ELEMENTSOF(builtin_provider_names); i++)
                 if (!config_find_provider(c, builtin_provider_names[i]))
-                        g_ptr_array_add(c->providers, builtin_provider(builtin_provider_names[i]));
+                        config_add_provider(c, builtin_provider(builtin_provider_names[i]));
 }
 
 Config *config_new_default(void) {
@@ -518,9 +524,7 @@ static ProviderConfig *parser_get_provider(Parser *p, const char *name) {
 
         if (pc)
                 return pc;
-        pc = provider_config_new(name);
-        g_ptr_array_add(p->config->providers, pc);
-        return pc;
+        return config_add_provider(p->config, provider_config_new(name));
 }
 
 static void parse_provider_group(Parser *p, GKeyFile *kf, const char *group, const char *name) {
@@ -682,10 +686,8 @@ static ProviderConfig *parser_get_plan_provider(Parser *p, const char *name) {
 
         /* The plan's variables name its three providers; one that the files do not define is
          * created from the built-in defaults, so an existing .env works unchanged. */
-        if (!pc) {
-                pc = builtin_provider(name);
-                g_ptr_array_add(p->config->providers, pc);
-        }
+        if (!pc)
+                pc = config_add_provider(p->config, builtin_provider(name));
         return pc;
 }
 
