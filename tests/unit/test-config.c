@@ -646,7 +646,12 @@ START_TEST(test_validate_more_cases) {
                   NULL, { "invalid", "1-64" } },
                 { ONE_PROVIDER "Kind=magic\n", NULL, { "Kind", "'magic'" } },
                 { ONE_PROVIDER "DefaultModel=bad\\tmodel\n", NULL, { "DefaultModel" } },
-                { ONE_PROVIDER "Models=good;bad\\nname\n", NULL, { "Models", "invalid model name" } },
+                { ONE_PROVIDER "Models=good;bad\\nname\n", NULL, { "[Provider p]", "Models=", "control character" } },
+                { ONE_PROVIDER "Models=good;"
+                  "mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm"
+                  "mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm"
+                  "mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm\n",
+                  NULL, { "Models", "invalid model name" } },
                 { ONE_PROVIDER "MaxRetries=11\n", NULL, { "MaxRetries", "'11'" } },
                 { ONE_PROVIDER "MaxConcurrent=lots\n", NULL, { "MaxConcurrent", "'lots'" } },
                 { ONE_PROVIDER "APIKeyCredential=../etc/key\n", NULL, { "APIKeyCredential", "not a path" } },
@@ -1069,6 +1074,279 @@ START_TEST(test_provider_config_refcount) {
 }
 END_TEST
 
+/* ---- values that cannot be read are errors, never skipped ---------------------------- */
+
+START_TEST(test_value_not_utf8) {
+        static const BadCase cases[] = {
+                /* Skipped, this turned authentication off while --check-config said OK. */
+                { "[Router]\nClientTokensFile=/etc/tok\xe9ns\n", NULL,
+                  { "bad.conf", "[Router]", "ClientTokensFile=", "not valid UTF-8" } },
+                /* Skipped, this left CORS at its default. */
+                { "[Router]\nCORSAllowOrigin=https://caf\xe9.example\n", NULL,
+                  { "bad.conf", "[Router]", "CORSAllowOrigin=", "not valid UTF-8" } },
+                { "[Router]\nDefaultProvider=\xff\n", NULL, { "[Router]", "DefaultProvider=", "not valid UTF-8" } },
+                { ONE_PROVIDER "APIKeyFile=/k\xe9y\n", NULL, { "[Provider p]", "APIKeyFile=", "not valid UTF-8" } },
+                { ONE_PROVIDER "Models=a;b\xe9\n", NULL, { "[Provider p]", "Models=", "not valid UTF-8" } },
+                { ONE_PROVIDER "Fallbacks=\xe9\n", NULL, { "[Provider p]", "Fallbacks=", "not valid UTF-8" } },
+                { P_HEAD "BaseURL=http://127.0.0.1:9/\xe9\n", NULL, { "[Provider p]", "BaseURL=", "not valid UTF-8" }, 2 },
+                { ONE_PROVIDER "[ModelMappings]\nm=\xe9\n", NULL, { "[ModelMappings]", "m=", "not valid UTF-8" } },
+                /* An unknown key is still a value that was meant to say something. */
+                { "[Router]\nNoSuchKey=\xe9\n", NULL, { "NoSuchKey=", "not valid UTF-8" } },
+                { "", "DEFAULT_PROVIDER=caf\xe9", { "environment", "DEFAULT_PROVIDER", "not valid UTF-8" } },
+                { "", "QWEN_API_KEY=sk-\xe9", { "environment", "QWEN_API_KEY", "not valid UTF-8" } },
+        };
+
+        check_bad_cases(cases, ELEMENTSOF(cases));
+}
+END_TEST
+
+START_TEST(test_value_unreadable) {
+        static const BadCase cases[] = {
+                /* GLib hands back the raw text with an error; the error counts. */
+                { "[Router]\nCORSAllowOrigin=a\\qb\n", NULL, { "[Router]", "CORSAllowOrigin=", "escape sequence" } },
+                { "[Router]\nClientTokensFile=/etc/to\\kens\n", NULL, { "ClientTokensFile=", "escape sequence" } },
+                /* Escaped control characters: a line break would end a header the value goes into. */
+                { "[Router]\nCORSAllowOrigin=https://a.example\\r\\nSet-Cookie: x=1\n", NULL,
+                  { "[Router]", "CORSAllowOrigin=", "control character", "0x0d" } },
+                { "[Router]\nHost=127.0.0.1\\t\n", NULL, { "Host=", "control character", "0x09" } },
+                { ONE_PROVIDER "Fallbacks=echo;\\necho\n", NULL, { "Fallbacks=", "control character" } },
+        };
+        static const char with_nul[] = "[Router]\nClientTokensFile=/etc/to\0kens\n";
+        g_autofree char *path = g_build_filename(dir, "nul.conf", NULL);
+        ConfigSources src = { .path = path };
+        g_autoptr(GPtrArray) errors = NULL;
+
+        check_bad_cases(cases, ELEMENTSOF(cases));
+
+        /* A NUL byte would silently cut the line it is on: here the token file's name. */
+        ck_assert(g_file_set_contents(path, with_nul, sizeof(with_nul) - 1, NULL));
+        errors = load_fail(&src);
+        assert_n_messages(errors, 1);
+        assert_message(errors, "nul.conf", "NUL byte");
+}
+END_TEST
+
+START_TEST(test_list_escaped_separator) {
+        g_autofree char *path = write_conf("router.conf", ONE_PROVIDER "Models=a\\;b;c\n");
+        ConfigSources src = { .path = path };
+        g_autoptr(Config) c = load_ok(&src, NULL);
+        ProviderConfig *p = config_find_provider(c, "p");
+
+        ck_assert_str_eq(p->models[0], "a;b");
+        ck_assert_str_eq(p->models[1], "c");
+        ck_assert_ptr_null(p->models[2]);
+}
+END_TEST
+
+/* ---- files that are not regular files are refused at once ----------------------------- */
+
+static char *make_fifo(const char *name) {
+        char *path = g_build_filename(dir, name, NULL);
+        g_autofree char *parent = g_path_get_dirname(path);
+
+        ck_assert_int_eq(g_mkdir_with_parents(parent, 0700), 0);
+        ck_assert_int_eq(mkfifo(path, 0600), 0);
+        return path;
+}
+
+START_TEST(test_fifo_refused_without_blocking) {
+        g_autofree char *key = make_fifo("key-fifo");
+        g_autofree char *tokens = make_fifo("tokens-fifo");
+        g_autofree char *cred = make_fifo("credentials/q-key");
+        g_autofree char *creds = g_path_get_dirname(cred);
+        g_autofree char *conf = g_strdup_printf(
+                "[Router]\nDefaultProvider=p\nClientTokensFile=%s\n"
+                "[Provider p]\nBaseURL=http://127.0.0.1:9/v1\nAPIKeyFile=%s\n"
+                "[Provider q]\nBaseURL=http://127.0.0.1:9/v1\nAPIKeyCredential=q-key\n", tokens, key);
+        g_autofree char *path = write_conf("router.conf", conf);
+        ConfigSources src = { .path = path, .credentials_dir = creds };
+        g_autoptr(GPtrArray) errors = NULL;
+        usec_t start = now_usec(CLOCK_MONOTONIC);
+
+        /* Nobody ever writes to the FIFOs: open() without O_NONBLOCK would wait forever. */
+        errors = load_fail(&src);
+        ck_assert_uint_lt(now_usec(CLOCK_MONOTONIC) - start, 5 * USEC_PER_SEC);
+        assert_n_messages(errors, 3);
+        assert_message(errors, "'p'", "APIKeyFile=", key, "not a regular file");
+        assert_message(errors, "ClientTokensFile=", tokens, "not a regular file");
+        assert_message(errors, "'q'", "credential 'q-key'", "not a regular file");
+}
+END_TEST
+
+START_TEST(test_fifo_config_files_refused) {
+        g_autofree char *main_fifo = make_fifo("main.conf");
+        g_autofree char *dropin_fifo = make_fifo("other.conf.d/50-fifo.conf");
+        g_autofree char *other = write_conf("other.conf", "[Router]\nPort=3002\n");
+        ConfigSources src_main = { .path = main_fifo, .path_required = true };
+        ConfigSources src_dropin = { .path = other };
+        g_autoptr(GPtrArray) errors_main = NULL, errors_dropin = NULL;
+
+        errors_main = load_fail(&src_main);
+        assert_n_messages(errors_main, 1);
+        assert_message(errors_main, main_fifo, "not a regular file");
+
+        errors_dropin = load_fail(&src_dropin);
+        assert_n_messages(errors_dropin, 1);
+        assert_message(errors_dropin, "50-fifo.conf", "not a regular file");
+}
+END_TEST
+
+START_TEST(test_dropin_directory_named_conf_refused) {
+        g_autofree char *path = write_conf("router.conf", "[Router]\nPort=3002\n");
+        g_autofree char *d = g_build_filename(dir, "router.conf.d", "50-dir.conf", NULL);
+        ConfigSources src = { .path = path };
+        g_autoptr(GPtrArray) errors = NULL;
+
+        ck_assert_int_eq(g_mkdir_with_parents(d, 0755), 0);
+        errors = load_fail(&src);
+        assert_n_messages(errors, 1);
+        assert_message(errors, "50-dir.conf", "directory");
+}
+END_TEST
+
+/* ---- keys with control characters would inject headers ---------------------------------- */
+
+START_TEST(test_key_with_line_break_refused) {
+        static const char *const bad_keys[] = {
+                "sk-abc\r\nX-Injected: 1\n",
+                "sk-abc\nX-Injected: 1",
+                "sk-\x1b[31mabc",
+                "sk-abc\tdef",
+                "sk-abc\x7f",
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(bad_keys); i++) {
+                g_autofree char *key = test_write_file(dir, "secret-key", 0600, bad_keys[i]);
+                g_autofree char *conf = g_strdup_printf(ONE_PROVIDER "APIKeyFile=%s\n", key);
+                g_autofree char *path = write_conf("router.conf", conf);
+                ConfigSources src = { .path = path };
+                g_autoptr(GPtrArray) errors = load_fail(&src);
+
+                assert_n_messages(errors, 1);
+                assert_message(errors, "'p'", key, "control character", "inject a header");
+                ck_assert(!test_messages_match(errors, "sk-abc", NULL));
+        }
+}
+END_TEST
+
+START_TEST(test_key_with_nul_refused) {
+        static const char key_text[] = "sk-abc\0def\n";
+        g_autofree char *key = g_build_filename(dir, "secret-key", NULL);
+        g_autofree char *conf = g_strdup_printf(ONE_PROVIDER "APIKeyFile=%s\n", key);
+        g_autofree char *path = write_conf("router.conf", conf);
+        ConfigSources src = { .path = path };
+        g_autoptr(GPtrArray) errors = NULL;
+
+        ck_assert(g_file_set_contents(key, key_text, sizeof(key_text) - 1, NULL));
+        ck_assert_int_eq(chmod(key, 0600), 0);
+        errors = load_fail(&src);
+        assert_n_messages(errors, 1);
+        assert_message(errors, "'p'", "APIKeyFile=", "NUL byte");
+}
+END_TEST
+
+START_TEST(test_key_credential_and_env_with_line_break_refused) {
+        g_autofree char *creds = g_build_filename(dir, "credentials", NULL);
+        g_autofree char *cred = test_write_file(creds, "p-key", 0600, "sk-cred\r\nX-Injected: 1\n");
+        g_autofree char *path = write_conf("router.conf",
+                "[Router]\nDefaultProvider=echo\n[Provider echo]\nKind=echo\n"
+                "[Provider p]\nBaseURL=http://127.0.0.1:9/v1\nAPIKeyCredential=p-key\n"
+                "[Provider q]\nBaseURL=http://127.0.0.1:9/v1\nAPIKeyEnv=Q_KEY\n");
+        g_auto(GStrv) env = test_environ("Q_KEY=sk-env\nX-Injected: 1", "QWEN_API_KEY=sk-qwen\r", NULL);
+        ConfigSources src = { .path = path, .environ = env, .credentials_dir = creds };
+        g_autoptr(GPtrArray) errors = load_fail(&src);
+
+        assert_n_messages(errors, 3);
+        assert_message(errors, "'p'", "credential 'p-key'", "control character");
+        assert_message(errors, "'q'", "environment variable Q_KEY", "control character");
+        assert_message(errors, "'qwen-direct'", "QWEN_API_KEY", "control character");
+        ck_assert(!test_messages_match(errors, "sk-", NULL));
+}
+END_TEST
+
+static char *tokens_conf(const char *tokens_text, char **ret_tokens_path) {
+        g_autofree char *tokens = test_write_file(dir, "client-tokens", 0600, tokens_text);
+        g_autofree char *conf = g_strdup_printf("[Router]\nClientTokensFile=%s\n", tokens);
+
+        *ret_tokens_path = TAKE_PTR(tokens);
+        return write_conf("router.conf", conf);
+}
+
+START_TEST(test_client_tokens) {
+        g_autofree char *tokens = NULL;
+        g_autofree char *path = tokens_conf("# comment\n\n  token-one  \r\ntoken-two\n", &tokens);
+        ConfigSources src = { .path = path };
+        g_autoptr(Config) c = load_ok(&src, NULL);
+        g_autofree char *one = config_token_digest("token-one", 9);
+        g_autofree char *two = config_token_digest("token-two", 9);
+
+        ck_assert_ptr_nonnull(c->client_token_digests);
+        ck_assert_uint_eq(c->client_token_digests->len, 2);
+        ck_assert_str_eq(c->client_token_digests->pdata[0], one);
+        ck_assert_str_eq(c->client_token_digests->pdata[1], two);
+}
+END_TEST
+
+START_TEST(test_client_tokens_problems) {
+        static const struct {
+                const char *text;
+                mode_t mode;
+                const char *words[3];
+                unsigned n_errors;
+        } cases[] = {
+                { "good\nbad\x1btoken\n", 0600, { "line 2", "control character" }, 1 },
+                { "good\nsecond\0third\n", 0600, { "NUL byte" }, 1 },
+                { "# only a comment\n", 0600, { "contain no token" }, 1 },
+                { "\n", 0600, { "empty" }, 1 },
+                { "token\n", 0644, { "readable by everyone" }, 1 },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(cases); i++) {
+                g_autofree char *tokens = g_build_filename(dir, "client-tokens", NULL);
+                g_autofree char *conf = g_strdup_printf("[Router]\nClientTokensFile=%s\n", tokens);
+                g_autofree char *path = write_conf("router.conf", conf);
+                ConfigSources src = { .path = path };
+                g_autoptr(GPtrArray) errors = NULL;
+                size_t n = strlen(cases[i].text);
+
+                if (strstr(cases[i].words[0], "NUL"))
+                        n = sizeof("good\nsecond\0third\n") - 1;
+                ck_assert(g_file_set_contents(tokens, cases[i].text, (gssize) n, NULL));
+                ck_assert_int_eq(chmod(tokens, cases[i].mode), 0);
+                errors = load_fail(&src);
+                assert_n_messages(errors, cases[i].n_errors);
+                assert_message(errors, "client-tokens", cases[i].words[0], cases[i].words[1]);
+        }
+}
+END_TEST
+
+/* ---- scale ---------------------------------------------------------------------------- */
+
+/* Every provider names a fallback, so each is looked up by name twice or more while loading:
+ * with a linear lookup, 50,000 of them took about 30 s; with the table, well under one. */
+START_TEST(test_many_providers_load_fast) {
+        const unsigned n = 50000;
+        g_autoptr(GString) text = g_string_new("[Router]\nDefaultProvider=p0\n");
+        g_autofree char *path = NULL;
+        ConfigSources src = {};
+        g_autoptr(Config) c = NULL;
+        usec_t start;
+
+        for (unsigned i = 0; i < n; i++)
+                g_string_append_printf(text, "[Provider p%u]\nBaseURL=http://127.0.0.1:9/v1\nFallbacks=p%u\n"
+                                       "[ModelMappings]\nm%u=p%u\n", i, (i + 1) % n, i, i);
+        path = write_conf("many.conf", text->str);
+        src.path = path;
+
+        start = now_usec(CLOCK_MONOTONIC);
+        c = load_ok(&src, NULL);
+        ck_assert_uint_eq(c->providers->len, n);
+        ck_assert_ptr_eq(config_find_provider(c, "p49999"), c->providers->pdata[n - 1]);
+        ck_assert_msg(now_usec(CLOCK_MONOTONIC) - start < 10 * USEC_PER_SEC, "loading %u providers took %.1f s", n,
+                      (double) (now_usec(CLOCK_MONOTONIC) - start) / USEC_PER_SEC);
+}
+END_TEST
+
 static Suite *config_suite(void) {
         Suite *s = suite_create("config");
         TCase *tc;
@@ -1125,6 +1403,26 @@ static Suite *config_suite(void) {
         tcase_add_test(tc, test_qwen_api_key_env_satisfies_default);
         tcase_add_test(tc, test_api_key_env);
         tcase_add_test(tc, test_api_key_env_missing_for_default);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("unreadable");
+        tcase_add_checked_fixture(tc, setup, teardown);
+        tcase_add_test(tc, test_value_not_utf8);
+        tcase_add_test(tc, test_value_unreadable);
+        tcase_add_test(tc, test_list_escaped_separator);
+        tcase_add_test(tc, test_fifo_refused_without_blocking);
+        tcase_add_test(tc, test_fifo_config_files_refused);
+        tcase_add_test(tc, test_dropin_directory_named_conf_refused);
+        tcase_add_test(tc, test_key_with_line_break_refused);
+        tcase_add_test(tc, test_key_with_nul_refused);
+        tcase_add_test(tc, test_key_credential_and_env_with_line_break_refused);
+        tcase_add_test(tc, test_client_tokens);
+        tcase_add_test(tc, test_client_tokens_problems);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("scale");
+        tcase_add_checked_fixture(tc, setup, teardown);
+        tcase_add_test(tc, test_many_providers_load_fast);
         suite_add_tcase(s, tc);
 
         tc = tcase_create("parsers");
