@@ -1347,6 +1347,332 @@ START_TEST(test_many_providers_load_fast) {
 }
 END_TEST
 
+/* ---- every default the man page documents is the code's ------------------------------- */
+
+typedef enum FieldType {
+        FIELD_STRING,
+        FIELD_BOOL,
+        FIELD_USEC,
+        FIELD_U64,
+        FIELD_UNSIGNED,
+        FIELD_PORT,
+        FIELD_INT,
+        FIELD_KIND,
+        FIELD_NONE,       /* a default in words: checked by a function of its own */
+} FieldType;
+
+typedef struct DocumentedDefault {
+        const char *group;          /* "Router" or "Provider" */
+        const char *key;
+        FieldType type;
+        size_t offset;              /* in Config for [Router], in ProviderConfig for [Provider] */
+        const char *words;          /* FIELD_NONE: the documented words, e.g. "none" */
+        void (*check)(const Config *c, const ProviderConfig *p);
+} DocumentedDefault;
+
+static void check_first_byte_default(const Config *c, const ProviderConfig *p) {
+        /* "Default: the value of RequestTimeoutSec=" */
+        ck_assert_uint_eq(c->first_byte_timeout_usec, USEC_INFINITY);
+        ck_assert_uint_eq(p->first_byte_timeout_usec, p->request_timeout_usec);
+}
+
+static void check_no_client_tokens(const Config *c, const ProviderConfig *p) {
+        /* "Default: unset, every client is served." */
+        ck_assert_ptr_null(c->client_tokens_credential);
+        ck_assert_ptr_null(c->client_tokens_file);
+        ck_assert_ptr_null(c->client_token_digests);
+}
+
+static void check_no_fallbacks(const Config *c, const ProviderConfig *p) {
+        ck_assert_ptr_null(p->fallbacks);
+}
+
+#define ROUTER(k, f, t) { "Router", k, t, offsetof(Config, f), NULL, NULL }
+#define PROVIDER(k, f, t) { "Provider", k, t, offsetof(ProviderConfig, f), NULL, NULL }
+
+/* Every key whose default provider-router.conf(5) states. A default added to the page must be
+ * added here, so that the page and the code cannot drift apart again (MaxRetries= once said 2
+ * while the code used 0). */
+static const DocumentedDefault documented_defaults[] = {
+        ROUTER("Host", host, FIELD_STRING),
+        ROUTER("Port", port, FIELD_PORT),
+        ROUTER("DefaultProvider", default_provider, FIELD_STRING),
+        ROUTER("AllowProviderOverride", allow_provider_override, FIELD_BOOL),
+        ROUTER("RequestTimeoutSec", request_timeout_usec, FIELD_USEC),
+        ROUTER("ConnectTimeoutSec", connect_timeout_usec, FIELD_USEC),
+        { "Router", "FirstByteTimeoutSec", FIELD_NONE, 0, "the value of *RequestTimeoutSec=*", check_first_byte_default },
+        ROUTER("StreamIdleTimeoutSec", stream_idle_timeout_usec, FIELD_USEC),
+        ROUTER("ClientTimeoutSec", client_timeout_usec, FIELD_USEC),
+        ROUTER("ShutdownTimeoutSec", shutdown_timeout_usec, FIELD_USEC),
+        ROUTER("LogLevel", log_level, FIELD_INT),
+        ROUTER("LogRequests", log_requests, FIELD_BOOL),
+        ROUTER("LogResponses", log_responses, FIELD_BOOL),
+        ROUTER("MaxBodySize", max_body_size, FIELD_U64),
+        ROUTER("MaxResponseSize", max_response_size, FIELD_U64),
+        ROUTER("MaxHeaderSize", max_header_size, FIELD_U64),
+        ROUTER("StreamBufferSize", stream_buffer_size, FIELD_U64),
+        ROUTER("MaxConnections", max_connections, FIELD_UNSIGNED),
+        ROUTER("CORSAllowOrigin", cors_allow_origin, FIELD_STRING),
+        { "Router", "ClientTokensCredential", FIELD_NONE, 0, "unset, every client is served", check_no_client_tokens },
+        { "Router", "ClientTokensFile", FIELD_NONE, 0, "unset, every client is served", check_no_client_tokens },
+        ROUTER("FailureThreshold", failure_threshold, FIELD_UNSIGNED),
+        ROUTER("CooldownSec", cooldown_usec, FIELD_USEC),
+        ROUTER("MaxCooldownSec", max_cooldown_usec, FIELD_USEC),
+        ROUTER("RetryBackoffSec", retry_backoff_usec, FIELD_USEC),
+        ROUTER("MaxRetryWaitSec", max_retry_wait_usec, FIELD_USEC),
+        PROVIDER("Kind", kind, FIELD_KIND),
+        PROVIDER("MaxConcurrent", max_concurrent, FIELD_UNSIGNED),
+        { "Provider", "Fallbacks", FIELD_NONE, 0, "none", check_no_fallbacks },
+        PROVIDER("MaxRetries", max_retries, FIELD_UNSIGNED),
+};
+
+static char *field_to_string(FieldType type, const void *base, size_t offset) {
+        const char *f = (const char *) base + offset;
+
+        switch (type) {
+        case FIELD_STRING:
+                return g_strdup_printf("'%s'", strna(*(char *const *) f));
+        case FIELD_BOOL:
+                return g_strdup(yes_no(*(const bool *) f));
+        case FIELD_USEC:
+                return g_strdup_printf("%" PRIu64 " µs", (uint64_t) *(const usec_t *) f);
+        case FIELD_U64:
+                return g_strdup_printf("%" PRIu64, *(const uint64_t *) f);
+        case FIELD_UNSIGNED:
+                return g_strdup_printf("%u", *(const unsigned *) f);
+        case FIELD_PORT:
+                return g_strdup_printf("%u", (unsigned) *(const uint16_t *) f);
+        case FIELD_INT:
+                return g_strdup_printf("%i", *(const int *) f);
+        case FIELD_KIND:
+                return g_strdup(strna(provider_kind_to_string(*(const ProviderKind *) f)));
+        case FIELD_NONE:
+                break;
+        }
+        g_assert_not_reached();
+}
+
+/* One documented default as the page states it: a literal ("*8M*", unescaped) or words. */
+typedef struct PageDefault {
+        char *group;
+        char *key;
+        char *literal;   /* NULL for a default in words */
+        char *words;
+} PageDefault;
+
+static void page_default_free(gpointer p) {
+        PageDefault *d = p;
+        g_free(d->group);
+        g_free(d->key);
+        g_free(d->literal);
+        g_free(d->words);
+        g_free(d);
+}
+
+/* scdoc: *bold* with \* and \_ for literal characters. Returns the text between the first pair
+ * of unescaped '*' at the start of s, unescaped; NULL if s does not start with one. */
+static char *scd_bold_at(const char *s, const char **ret_end) {
+        g_autoptr(GString) out = g_string_new(NULL);
+
+        if (s[0] != '*')
+                return NULL;
+        for (const char *c = s + 1; *c; c++) {
+                if (c[0] == '\\' && c[1]) {
+                        g_string_append_c(out, *++c);
+                        continue;
+                }
+                if (c[0] == '*') {
+                        if (ret_end)
+                                *ret_end = c + 1;
+                        return g_string_free(g_steal_pointer(&out), FALSE);
+                }
+                g_string_append_c(out, *c);
+        }
+        return NULL;
+}
+
+static void page_add_defaults(GPtrArray *out, const char *group, char **keys, const char *text) {
+        const char *d = strstr(text, "Default: ");
+        g_autofree char *literal = NULL, *words = NULL;
+        const char *t;
+
+        if (d) {
+                d += STRLEN("Default: ");
+                /* A value in bold, or words, up to the end of the sentence. */
+                literal = scd_bold_at(d, NULL);
+                t = strstr(d, ". ");
+                words = t ? g_strndup(d, (gsize) (t - d)) : g_strdup(d);
+                if (g_str_has_suffix(words, "."))
+                        words[strlen(words) - 1] = 0;
+        } else if ((t = strstr(text, " (the default)"))) {
+                /* "*openai* (the default) for …": the bold word just before it. */
+                const char *start = t;
+                while (start > text && start[-1] != ' ')
+                        start--;
+                literal = scd_bold_at(start, NULL);
+                words = g_strndup(start, (gsize) (t - start));
+        } else
+                return;
+
+        for (char **k = keys; *k; k++) {
+                PageDefault *pd = g_new0(PageDefault, 1);
+                pd->group = g_strdup(group);
+                pd->key = g_strdup(*k);
+                pd->literal = g_strdup(literal);
+                pd->words = g_strdup(words);
+                g_ptr_array_add(out, pd);
+        }
+}
+
+/* The documented defaults of the [Router] and [Provider NAME] sections: every key heading
+ * ("*Key=*" or "*A=*, *B=*" on a line of its own) and its tab-indented description. */
+static GPtrArray *page_defaults(const char *page_path) {
+        GPtrArray *out = g_ptr_array_new_with_free_func(page_default_free);
+        g_autofree char *page = NULL;
+        g_auto(GStrv) lines = NULL;
+        g_auto(GStrv) keys = NULL;
+        g_autoptr(GString) text = g_string_new(NULL);
+        const char *group = NULL;
+
+        ck_assert_msg(g_file_get_contents(page_path, &page, NULL, NULL), "cannot read %s", page_path);
+        lines = g_strsplit(page, "\n", -1);
+        for (char **l = lines; ; l++) {
+                bool heading = *l && (*l)[0] == '*' && strstr(*l, "=*");
+
+                if (keys && (!*l || (*l)[0] != '\t')) {
+                        /* The end of one key's paragraph. */
+                        if (group)
+                                page_add_defaults(out, group, keys, text->str);
+                        g_clear_pointer(&keys, g_strfreev);
+                        g_string_truncate(text, 0);
+                }
+                if (!*l)
+                        break;
+                if (g_str_has_prefix(*l, "# ")) {
+                        group = g_str_has_prefix(*l, "# [Router]") ? "Router" :
+                                g_str_has_prefix(*l, "# [Provider") ? "Provider" : NULL;
+                        continue;
+                }
+                if (heading) {
+                        GPtrArray *b = g_ptr_array_new();
+                        for (const char *c = *l; (c = strchr(c, '*')); ) {
+                                const char *end = NULL;
+                                char *bold = scd_bold_at(c, &end);
+                                if (!bold)
+                                        break;
+                                if (g_str_has_suffix(bold, "=")) {
+                                        bold[strlen(bold) - 1] = 0;
+                                        g_ptr_array_add(b, bold);
+                                } else
+                                        g_free(bold);
+                                c = end;
+                        }
+                        g_ptr_array_add(b, NULL);
+                        keys = (char **) g_ptr_array_free(b, FALSE);
+                        continue;
+                }
+                if (keys) {
+                        if (text->len > 0)
+                                g_string_append_c(text, ' ');
+                        g_string_append(text, *l + 1);
+                }
+        }
+        return out;
+}
+
+static const DocumentedDefault *find_documented_default(const char *group, const char *key) {
+        for (size_t i = 0; i < ELEMENTSOF(documented_defaults); i++)
+                if (streq(documented_defaults[i].group, group) && streq(documented_defaults[i].key, key))
+                        return &documented_defaults[i];
+        return NULL;
+}
+
+#define PROVIDER_BASE "[Router]\nDefaultProvider=p\n[Provider p]\nBaseURL=http://127.0.0.1:9/v1\n"
+
+/* The configuration of a file with nothing set but, optionally, "Key=value" in the group. */
+static Config *load_with(const char *group, const char *key, const char *value) {
+        g_autofree char *text = NULL;
+        g_autofree char *path = NULL;
+        g_autofree char *dropins = g_build_filename(dir, "none.d", NULL);
+        g_auto(GStrv) env = test_environ(NULL);
+        ConfigSources src = { .dropin_dir = dropins, .environ = env };
+
+        if (streq(group, "Router"))
+                text = key ? g_strdup_printf("[Router]\n%s=%s\n", key, value) : g_strdup("");
+        else
+                text = key ? g_strdup_printf(PROVIDER_BASE "%s=%s\n", key, value) : g_strdup(PROVIDER_BASE);
+        path = write_conf("defaults.conf", text);
+        src.path = path;
+        return load_ok(&src, NULL);
+}
+
+START_TEST(test_man_page_defaults) {
+        g_autofree char *page_path = g_build_filename(SOURCE_ROOT, "man", "provider-router.conf.5.scd", NULL);
+        g_autoptr(GPtrArray) page = page_defaults(page_path);
+        g_autoptr(GString) problems = g_string_new(NULL);
+
+        /* Every default on the page is held against the code. */
+        for (guint i = 0; i < page->len; i++) {
+                const PageDefault *pd = page->pdata[i];
+                const DocumentedDefault *dd = find_documented_default(pd->group, pd->key);
+                g_autoptr(Config) code = NULL, documented = NULL;
+                const void *code_base, *doc_base;
+                g_autofree char *code_value = NULL, *doc_value = NULL;
+
+                if (!dd) {
+                        g_string_append_printf(problems, "\n  [%s] %s=: the page says 'Default: %s', which this test "
+                                               "does not check: add the key to documented_defaults[]",
+                                               pd->group, pd->key, pd->words);
+                        continue;
+                }
+                code = load_with(pd->group, NULL, NULL);
+                if (dd->type == FIELD_NONE) {
+                        if (pd->literal || !streq(pd->words, dd->words))
+                                g_string_append_printf(problems, "\n  [%s] %s=: the page says 'Default: %s', the test "
+                                                       "expects '%s'", pd->group, pd->key, pd->words, dd->words);
+                        dd->check(code, config_find_provider(code, streq(pd->group, "Router") ? "lm-studio" : "p"));
+                        continue;
+                }
+                if (!pd->literal) {
+                        g_string_append_printf(problems, "\n  [%s] %s=: the page says 'Default: %s', not a value",
+                                               pd->group, pd->key, pd->words);
+                        continue;
+                }
+
+                /* The documented value, read by the parser itself, must give what no value gives. */
+                documented = load_with(pd->group, pd->key, pd->literal);
+                if (streq(pd->group, "Router")) {
+                        code_base = code;
+                        doc_base = documented;
+                } else {
+                        code_base = config_find_provider(code, "p");
+                        doc_base = config_find_provider(documented, "p");
+                }
+                code_value = field_to_string(dd->type, code_base, dd->offset);
+                doc_value = field_to_string(dd->type, doc_base, dd->offset);
+                if (!streq(code_value, doc_value))
+                        g_string_append_printf(problems, "\n  [%s] %s=: the page says %s (%s), the code uses %s",
+                                               pd->group, pd->key, pd->literal, doc_value, code_value);
+        }
+
+        /* And every key of the table still has its default on the page. */
+        for (size_t i = 0; i < ELEMENTSOF(documented_defaults); i++) {
+                bool found = false;
+                for (guint j = 0; j < page->len && !found; j++) {
+                        const PageDefault *pd = page->pdata[j];
+                        found = streq(pd->group, documented_defaults[i].group) &&
+                                streq(pd->key, documented_defaults[i].key);
+                }
+                if (!found)
+                        g_string_append_printf(problems, "\n  [%s] %s=: no documented default on the page",
+                                               documented_defaults[i].group, documented_defaults[i].key);
+        }
+
+        ck_assert_msg(page->len >= ELEMENTSOF(documented_defaults), "only %u defaults found in %s", page->len, page_path);
+        ck_assert_msg(problems->len == 0, "%s and the code disagree:%s", page_path, problems->str);
+}
+END_TEST
+
 static Suite *config_suite(void) {
         Suite *s = suite_create("config");
         TCase *tc;
@@ -1418,6 +1744,11 @@ static Suite *config_suite(void) {
         tcase_add_test(tc, test_key_credential_and_env_with_line_break_refused);
         tcase_add_test(tc, test_client_tokens);
         tcase_add_test(tc, test_client_tokens_problems);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("documentation");
+        tcase_add_checked_fixture(tc, setup, teardown);
+        tcase_add_test(tc, test_man_page_defaults);
         suite_add_tcase(s, tc);
 
         tc = tcase_create("scale");
