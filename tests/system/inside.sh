@@ -203,6 +203,22 @@ check "journalctl -u provider-router PROVIDER=mock shows the request (request id
         wait_for 10 journal_fields
 journal_fields || journalctl -u provider-router PROVIDER=mock -o verbose --no-pager -n 2 | sed 's/^/#   /'
 
+# A client once kept its request out of the journal with a long model name: the fields overflowed
+# a fixed buffer and journald refused the whole entry. Now the name is cut and marked.
+long_model=$(head -c 10240 /dev/zero | tr '\0' m)
+chat longmodel echo "{\"model\":\"$long_model\",\"messages\":[{\"role\":\"user\",\"content\":\"long\"}]}"
+long_rid=$(header longmodel X-Request-Id)
+long_model_in_journal() {
+        local out
+        out=$(journalctl -u provider-router REQUEST_ID="$long_rid" -o export --no-pager 2>/dev/null)
+        printf '%s\n' "$out" | grep -q '^MODEL=mmmmmmmmmmmmmmmm' &&
+                printf '%s\n' "$out" | grep -qF '[cut 8192 bytes]' &&
+                printf '%s\n' "$out" | grep -q '^STATUS=200$' &&
+                printf '%s\n' "$out" | grep -q '^PROVIDER=echo$'
+}
+check "a request with a 10 KB model name has its journal entry (journalctl REQUEST_ID=$long_rid), the name cut and marked" \
+        wait_for 10 long_model_in_journal
+
 # ---- who may do what on the bus --------------------------------------------------------
 as_nobody() { setpriv --reuid=nobody --regid=nogroup --clear-groups "$@"; }
 nobody_reads() { as_nobody busctl get-property org.providerrouter.Router1 /org/providerrouter/Router1 org.providerrouter.Router1 DefaultProvider | grep -q mock; }
