@@ -94,6 +94,8 @@ Config *config_free(Config *c) {
         g_free(c->client_tokens_file);
         if (c->client_token_digests)
                 g_ptr_array_unref(c->client_token_digests);
+        if (c->providers_by_name)
+                g_hash_table_unref(c->providers_by_name);
         if (c->providers)
                 g_ptr_array_unref(c->providers);
         if (c->mappings)
@@ -108,12 +110,15 @@ Config *config_free(Config *c) {
 ProviderConfig *config_find_provider(const Config *c, const char *name) {
         if (!name)
                 return NULL;
-        for (guint i = 0; i < c->providers->len; i++) {
-                ProviderConfig *p = c->providers->pdata[i];
-                if (streq(p->name, name))
-                        return p;
-        }
-        return NULL;
+        return g_hash_table_lookup(c->providers_by_name, name);
+}
+
+/* Takes the reference; the name must be new. */
+static ProviderConfig *config_add_provider(Config *c, ProviderConfig *p) {
+        g_assert(!g_hash_table_contains(c->providers_by_name, p->name));
+        g_ptr_array_add(c->providers, p);
+        g_hash_table_insert(c->providers_by_name, p->name, p);
+        return p;
 }
 
 static Config *config_new_empty(void) {
@@ -144,6 +149,7 @@ static Config *config_new_empty(void) {
         c->retry_backoff_usec = 250 * USEC_PER_MSEC;
         c->max_retry_wait_usec = 10 * USEC_PER_SEC;
         c->providers = g_ptr_array_new_with_free_func(provider_config_destroy);
+        c->providers_by_name = g_hash_table_new(g_str_hash, g_str_equal);
         c->mappings = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
         c->mapping_order = g_ptr_array_new_with_free_func(g_free);
         return c;
@@ -183,7 +189,7 @@ static const char *const builtin_provider_names[] = { "lm-studio", "qwen-proxy",
 static void config_add_builtin_providers(Config *c) {
         for (size_t i = 0; i < ELEMENTSOF(builtin_provider_names); i++)
                 if (!config_find_provider(c, builtin_provider_names[i]))
-                        g_ptr_array_add(c->providers, builtin_provider(builtin_provider_names[i]));
+                        config_add_provider(c, builtin_provider(builtin_provider_names[i]));
 }
 
 Config *config_new_default(void) {
@@ -334,11 +340,22 @@ typedef struct Parser {
         bool saw_provider_group;
 } Parser;
 
+/* Messages go to the terminal, the journal and D-Bus replies, which need valid UTF-8: a group or
+ * key name that is not shows U+FFFD where its bad bytes were. */
+static char *message_vprintf(const char *format, va_list ap) _printf_(1, 0);
+static char *message_vprintf(const char *format, va_list ap) {
+        g_autofree char *m = g_strdup_vprintf(format, ap);
+
+        if (g_utf8_validate(m, -1, NULL))
+                return TAKE_PTR(m);
+        return g_utf8_make_valid(m, -1);
+}
+
 static void parser_error(Parser *p, const char *format, ...) _printf_(2, 3);
 static void parser_error(Parser *p, const char *format, ...) {
         va_list ap;
         va_start(ap, format);
-        g_ptr_array_add(p->errors, g_strdup_vprintf(format, ap));
+        g_ptr_array_add(p->errors, message_vprintf(format, ap));
         va_end(ap);
 }
 
@@ -348,8 +365,72 @@ static void parser_warning(Parser *p, const char *format, ...) {
         if (!p->warnings)
                 return;
         va_start(ap, format);
-        g_ptr_array_add(p->warnings, g_strdup_vprintf(format, ap));
+        g_ptr_array_add(p->warnings, message_vprintf(format, ap));
         va_end(ap);
+}
+
+static int find_control_char(const char *s) {
+        for (const char *c = s; *c; c++)
+                if ((unsigned char) *c < 0x20 || *c == 0x7f)
+                        return (unsigned char) *c;
+        return -1;
+}
+
+static void parser_value_error(Parser *p, const char *group, const char *key, const GError *error) {
+        if (g_error_matches(error, G_KEY_FILE_ERROR, G_KEY_FILE_ERROR_UNKNOWN_ENCODING))
+                parser_error(p, "%s: [%s] %s= is not valid UTF-8", p->source, group, key);
+        else if (g_error_matches(error, G_KEY_FILE_ERROR, G_KEY_FILE_ERROR_INVALID_VALUE))
+                parser_error(p, "%s: [%s] %s= has an invalid escape sequence (a backslash may only be "
+                             "followed by s, n, t, r, a backslash, or in a list ';')", p->source, group, key);
+        else
+                parser_error(p, "%s: [%s] %s= cannot be read: %s", p->source, group, key,
+                             error ? error->message : "no value");
+}
+
+/* No value has a use for a control character (an escaped line break or tab), and some values end
+ * up in headers. */
+static bool parser_check_no_control(Parser *p, const char *group, const char *key, const char *v) {
+        int c = find_control_char(v);
+
+        if (c < 0)
+                return true;
+        parser_error(p, "%s: [%s] %s= contains a control character (0x%02x)", p->source, group, key, c);
+        return false;
+}
+
+/* One value of a key file. A value that cannot be read is an error, never skipped: a key that
+ * silently vanished keeps its default, and for some keys (ClientTokensFile=, CORSAllowOrigin=)
+ * the default is the open door. Returns NULL after reporting the error. */
+static char *parser_get_value(Parser *p, GKeyFile *kf, const char *group, const char *key) {
+        g_autoptr(GError) error = NULL;
+        g_autofree char *v = g_key_file_get_string(kf, group, key, &error);
+
+        /* On a bad escape sequence GLib returns a value and an error: the error counts. */
+        if (error || !v) {
+                parser_value_error(p, group, key, error);
+                return NULL;
+        }
+        if (!parser_check_no_control(p, group, key, v))
+                return NULL;
+        g_strstrip(v);
+        return TAKE_PTR(v);
+}
+
+/* A ';'-separated list ("\;" is a ';' inside an element). Returns NULL after reporting. */
+static char **parser_get_list(Parser *p, GKeyFile *kf, const char *group, const char *key) {
+        g_autoptr(GError) error = NULL;
+        g_auto(GStrv) l = g_key_file_get_string_list(kf, group, key, NULL, &error);
+
+        if (error || !l) {
+                parser_value_error(p, group, key, error);
+                return NULL;
+        }
+        for (char **i = l; *i; i++) {
+                if (!parser_check_no_control(p, group, key, *i))
+                        return NULL;
+                g_strstrip(*i);
+        }
+        return TAKE_PTR(l);
 }
 
 static void set_string(char **field, const char *value) {
@@ -434,12 +515,11 @@ static void parse_router_group(Parser *p, GKeyFile *kf) {
         Config *c = p->config;
 
         for (char **k = keys; k && *k; k++) {
-                g_autofree char *v = g_key_file_get_string(kf, group, *k, NULL);
+                g_autofree char *v = parser_get_value(p, kf, group, *k);
                 const char *key = *k;
 
                 if (!v)
                         continue;
-                g_strstrip(v);
 
                 if (streq(key, "Host")) {
                         if (isempty(v) || strlen(v) > 255)
@@ -518,9 +598,7 @@ static ProviderConfig *parser_get_provider(Parser *p, const char *name) {
 
         if (pc)
                 return pc;
-        pc = provider_config_new(name);
-        g_ptr_array_add(p->config->providers, pc);
-        return pc;
+        return config_add_provider(p->config, provider_config_new(name));
 }
 
 static void parse_provider_group(Parser *p, GKeyFile *kf, const char *group, const char *name) {
@@ -536,12 +614,28 @@ static void parse_provider_group(Parser *p, GKeyFile *kf, const char *group, con
         pc = parser_get_provider(p, name);
 
         for (char **k = keys; k && *k; k++) {
-                g_autofree char *v = g_key_file_get_string(kf, group, *k, NULL);
+                g_autofree char *v = NULL;
                 const char *key = *k;
 
+                /* Lists are read as lists: an escaped ';' is valid in one, not in a plain value. */
+                if (streq(key, "Models")) {
+                        g_strfreev(pc->models);
+                        pc->models = parser_get_list(p, kf, group, key);
+                        for (char **m = pc->models; m && *m; m++)
+                                if (!model_name_is_valid(*m))
+                                        parser_error(p, "%s: [%s] Models= contains an invalid model name '%s'",
+                                                     p->source, group, *m);
+                        continue;
+                }
+                if (streq(key, "Fallbacks")) {
+                        g_strfreev(pc->fallbacks);
+                        pc->fallbacks = parser_get_list(p, kf, group, key);
+                        continue;
+                }
+
+                v = parser_get_value(p, kf, group, key);
                 if (!v)
                         continue;
-                g_strstrip(v);
 
                 if (streq(key, "Kind")) {
                         ProviderKind kind = provider_kind_from_string(v);
@@ -557,15 +651,6 @@ static void parse_provider_group(Parser *p, GKeyFile *kf, const char *group, con
                                 parser_error(p, "%s: [%s] DefaultModel='%s' is not a valid model name", p->source, group, v);
                         else
                                 set_string(&pc->default_model, v);
-                } else if (streq(key, "Models")) {
-                        g_strfreev(pc->models);
-                        pc->models = g_key_file_get_string_list(kf, group, key, NULL, NULL);
-                        for (char **m = pc->models; m && *m; m++) {
-                                g_strstrip(*m);
-                                if (!model_name_is_valid(*m))
-                                        parser_error(p, "%s: [%s] Models= contains an invalid model name '%s'",
-                                                     p->source, group, *m);
-                        }
                 } else if (streq(key, "APIKeyCredential")) {
                         if (!isempty(v) && (strchr(v, '/') || streq(v, ".") || streq(v, "..")))
                                 parser_error(p, "%s: [%s] APIKeyCredential='%s' must be a credential name, not a path",
@@ -597,11 +682,6 @@ static void parse_provider_group(Parser *p, GKeyFile *kf, const char *group, con
                 } else if (streq(key, "MaxRetries")) {
                         if (parse_unsigned(v, 0, 10, &pc->max_retries) < 0)
                                 parser_error(p, "%s: [%s] MaxRetries='%s' must be between 0 and 10", p->source, group, v);
-                } else if (streq(key, "Fallbacks")) {
-                        g_strfreev(pc->fallbacks);
-                        pc->fallbacks = g_key_file_get_string_list(kf, group, key, NULL, NULL);
-                        for (char **f = pc->fallbacks; f && *f; f++)
-                                g_strstrip(*f);
                 } else
                         parser_warning(p, "%s: unknown key '%s' in [%s], ignoring", p->source, key, group);
         }
@@ -611,15 +691,15 @@ static void parse_mappings_group(Parser *p, GKeyFile *kf) {
         g_auto(GStrv) keys = g_key_file_get_keys(kf, "ModelMappings", NULL, NULL);
 
         for (char **k = keys; k && *k; k++) {
-                g_autofree char *v = g_key_file_get_string(kf, "ModelMappings", *k, NULL);
+                g_autofree char *v = NULL;
 
-                if (!v)
-                        continue;
-                g_strstrip(v);
                 if (!model_name_is_valid(*k)) {
                         parser_error(p, "%s: [ModelMappings] '%s' is not a valid model name", p->source, *k);
                         continue;
                 }
+                v = parser_get_value(p, kf, "ModelMappings", *k);
+                if (!v)
+                        continue;
                 if (isempty(v)) /* an empty value in a drop-in removes an earlier mapping */
                         mapping_remove(p->config, *k);
                 else
@@ -627,15 +707,101 @@ static void parse_mappings_group(Parser *p, GKeyFile *kf) {
         }
 }
 
+#define CONFIG_FILE_MAX (64U * 1024 * 1024)
+#define SECRET_FILE_MAX (64U * 1024)
+
+/* Reads a whole file that must be a regular one: opened without blocking and checked before a
+ * byte is read, since open() of a FIFO waits for a writer, which would hang --check-config and
+ * freeze the daemon in a reload. With refuse_world_readable, a file anyone may read is refused
+ * (-EPERM). A NUL byte inside is refused (-EBADMSG): everything after it would silently vanish.
+ * The contents are NUL-terminated. */
+static int read_regular_file(const char *path, size_t max_size, bool refuse_world_readable,
+                             char **ret, size_t *ret_size) {
+        g_autofree char *contents = NULL;
+        struct stat st;
+        size_t n = 0;
+        int fd, r = 0;
+
+        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+        if (fd < 0)
+                return negative_errno();
+        if (fstat(fd, &st) < 0)
+                r = negative_errno();
+        else if (S_ISDIR(st.st_mode))
+                r = -EISDIR;
+        else if (!S_ISREG(st.st_mode))
+                r = -EBADFD;
+        else if (refuse_world_readable && (st.st_mode & S_IROTH))
+                r = -EPERM;
+        else if ((uint64_t) st.st_size > max_size)
+                r = -EFBIG;
+        if (r < 0) {
+                close(fd);
+                return r;
+        }
+
+        contents = g_malloc((size_t) st.st_size + 1);
+        while (n < (size_t) st.st_size) {
+                ssize_t k = read(fd, contents + n, (size_t) st.st_size - n);
+                if (k < 0 && errno == EINTR)
+                        continue;
+                if (k < 0) {
+                        r = negative_errno();
+                        break;
+                }
+                if (k == 0)
+                        break;
+                n += (size_t) k;
+        }
+        close(fd);
+        if (r >= 0 && memchr(contents, 0, n))
+                r = -EBADMSG;
+        if (r < 0) {
+                explicit_bzero(contents, n);
+                return r;
+        }
+        contents[n] = 0;
+        *ret = TAKE_PTR(contents);
+        if (ret_size)
+                *ret_size = n;
+        return 0;
+}
+
+/* Why read_regular_file() failed, for a message. */
+static const char *read_error_to_string(int r) {
+        switch (r) {
+        case -EISDIR:
+                return "it is a directory";
+        case -EBADFD:
+                return "it is not a regular file (a FIFO, socket or device)";
+        case -EFBIG:
+                return "it is too large";
+        case -EBADMSG:
+                return "it contains a NUL byte";
+        case -ENODATA:
+                return "it is empty";
+        default:
+                return g_strerror(-r);
+        }
+}
+
 static int parse_file(Parser *p, const char *path, bool required) {
         g_autoptr(GKeyFile) kf = g_key_file_new();
         g_autoptr(GError) error = NULL;
+        g_autofree char *text = NULL;
         g_auto(GStrv) groups = NULL;
+        size_t size;
+        int r;
 
         p->source = path;
-        if (!g_key_file_load_from_file(kf, path, G_KEY_FILE_NONE, &error)) {
-                if (g_error_matches(error, G_FILE_ERROR, G_FILE_ERROR_NOENT) && !required)
-                        return 0;
+        r = read_regular_file(path, CONFIG_FILE_MAX, false, &text, &size);
+        if (r == -ENOENT && !required)
+                return 0;
+        if (r < 0) {
+                parser_error(p, "%s: cannot read the file: %s", path, read_error_to_string(r));
+                return r;
+        }
+        if (!g_key_file_load_from_data(kf, text, size, G_KEY_FILE_NONE, &error)) {
                 parser_error(p, "%s: %s", path, error->message);
                 return -EINVAL;
         }
@@ -672,9 +838,18 @@ static GPtrArray *list_dropins(const char *dir) {
         return files;
 }
 
-static const char *env_get(char **environ_, const char *name) {
+/* A variable that is set and not empty. One that is not UTF-8 is an error, like such a value in a
+ * file: NULL after reporting it. */
+static const char *env_get(Parser *p, char **environ_, const char *name) {
         const char *v = g_environ_getenv(environ_, name);
-        return isempty(v) ? NULL : v;
+
+        if (isempty(v))
+                return NULL;
+        if (!g_utf8_validate(v, -1, NULL)) {
+                parser_error(p, "environment: %s is not valid UTF-8", name);
+                return NULL;
+        }
+        return v;
 }
 
 static ProviderConfig *parser_get_plan_provider(Parser *p, const char *name) {
@@ -682,10 +857,8 @@ static ProviderConfig *parser_get_plan_provider(Parser *p, const char *name) {
 
         /* The plan's variables name its three providers; one that the files do not define is
          * created from the built-in defaults, so an existing .env works unchanged. */
-        if (!pc) {
-                pc = builtin_provider(name);
-                g_ptr_array_add(p->config->providers, pc);
-        }
+        if (!pc)
+                pc = config_add_provider(p->config, builtin_provider(name));
         return pc;
 }
 
@@ -695,19 +868,19 @@ static void parse_environment(Parser *p, char **env) {
 
         p->source = "environment";
 
-        if ((v = env_get(env, "PORT")))
+        if ((v = env_get(p, env, "PORT")))
                 set_port(p, "PORT", &c->port, v);
-        if ((v = env_get(env, "HOST")))
+        if ((v = env_get(p, env, "HOST")))
                 set_string(&c->host, v);
-        if ((v = env_get(env, "DEFAULT_PROVIDER")))
+        if ((v = env_get(p, env, "DEFAULT_PROVIDER")))
                 set_string(&c->default_provider, v);
-        if ((v = env_get(env, "LOG_LEVEL")))
+        if ((v = env_get(p, env, "LOG_LEVEL")))
                 set_log_level(p, "LOG_LEVEL", &c->log_level, v);
-        if ((v = env_get(env, "LOG_REQUESTS")))
+        if ((v = env_get(p, env, "LOG_REQUESTS")))
                 set_bool(p, "env", "LOG_REQUESTS", &c->log_requests, v);
-        if ((v = env_get(env, "LOG_RESPONSES")))
+        if ((v = env_get(p, env, "LOG_RESPONSES")))
                 set_bool(p, "env", "LOG_RESPONSES", &c->log_responses, v);
-        if ((v = env_get(env, "REQUEST_TIMEOUT"))) {
+        if ((v = env_get(p, env, "REQUEST_TIMEOUT"))) {
                 unsigned ms;
                 if (parse_unsigned(v, 1, UINT32_MAX, &ms) < 0)
                         parser_error(p, "environment: REQUEST_TIMEOUT='%s' is not a positive number of milliseconds", v);
@@ -715,15 +888,15 @@ static void parse_environment(Parser *p, char **env) {
                         c->request_timeout_usec = (usec_t) ms * USEC_PER_MSEC;
         }
 
-        if ((v = env_get(env, "LM_STUDIO_BASE_URL")))
+        if ((v = env_get(p, env, "LM_STUDIO_BASE_URL")))
                 set_url(p, "env", "LM_STUDIO_BASE_URL", &parser_get_plan_provider(p, "lm-studio")->base_url, v);
-        if ((v = env_get(env, "LM_STUDIO_DEFAULT_MODEL"))) {
+        if ((v = env_get(p, env, "LM_STUDIO_DEFAULT_MODEL"))) {
                 if (!model_name_is_valid(v))
                         parser_error(p, "environment: LM_STUDIO_DEFAULT_MODEL='%s' is not a valid model name", v);
                 else
                         set_string(&parser_get_plan_provider(p, "lm-studio")->default_model, v);
         }
-        if ((v = env_get(env, "QWEN_PROXY_BASE_URL"))) {
+        if ((v = env_get(p, env, "QWEN_PROXY_BASE_URL"))) {
                 /* As in the plan, the proxy's address is given without /v1. */
                 g_autofree char *base = g_strdup(v);
                 size_t n = strlen(base);
@@ -732,15 +905,15 @@ static void parse_environment(Parser *p, char **env) {
                 g_autofree char *url = g_str_has_suffix(base, "/v1") ? g_strdup(base) : g_strconcat(base, "/v1", NULL);
                 set_url(p, "env", "QWEN_PROXY_BASE_URL", &parser_get_plan_provider(p, "qwen-proxy")->base_url, url);
         }
-        if ((v = env_get(env, "QWEN_BASE_URL")))
+        if ((v = env_get(p, env, "QWEN_BASE_URL")))
                 set_url(p, "env", "QWEN_BASE_URL", &parser_get_plan_provider(p, "qwen-direct")->base_url, v);
-        if ((v = env_get(env, "QWEN_API_KEY"))) {
+        if ((v = env_get(p, env, "QWEN_API_KEY"))) {
                 ProviderConfig *pc = parser_get_plan_provider(p, "qwen-direct");
                 erase_and_free(pc->api_key);
                 pc->api_key = g_strdup(v);
                 set_string(&pc->api_key_source, "environment variable QWEN_API_KEY");
         }
-        if ((v = env_get(env, "MODEL_MAPPINGS"))) {
+        if ((v = env_get(p, env, "MODEL_MAPPINGS"))) {
                 g_auto(GStrv) pairs = g_strsplit(v, ",", -1);
                 for (char **pair = pairs; *pair; pair++) {
                         g_auto(GStrv) kv = NULL;
@@ -768,60 +941,32 @@ static void parse_environment(Parser *p, char **env) {
         }
 }
 
-static int read_secret_file(const char *path, bool check_mode, char **ret) {
-        g_autofree char *contents = NULL;
-        struct stat st;
+/* A secret from a file: one trailing line break (as echo writes it) is not part of it. */
+static int read_secret_file(const char *path, bool refuse_world_readable, char **ret) {
+        char *contents = NULL;
         size_t n;
-        int fd;
+        int r;
 
-        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
-        if (fd < 0)
-                return negative_errno();
-        if (fstat(fd, &st) < 0) {
-                int r = negative_errno();
-                close(fd);
+        r = read_regular_file(path, SECRET_FILE_MAX, refuse_world_readable, &contents, &n);
+        if (r < 0)
                 return r;
-        }
-        if (!S_ISREG(st.st_mode)) {
-                close(fd);
-                return -EBADF;
-        }
-        if (check_mode && (st.st_mode & S_IROTH)) {
-                close(fd);
-                return -EPERM;
-        }
-        if (st.st_size > 64 * 1024) {
-                close(fd);
-                return -EFBIG;
-        }
-        contents = g_malloc0((size_t) st.st_size + 1);
-        n = 0;
-        while (n < (size_t) st.st_size) {
-                ssize_t k = read(fd, contents + n, (size_t) st.st_size - n);
-                if (k < 0) {
-                        int r = negative_errno();
-                        close(fd);
-                        explicit_bzero(contents, (size_t) st.st_size);
-                        return r;
-                }
-                if (k == 0)
-                        break;
-                n += (size_t) k;
-        }
-        close(fd);
-        contents[n] = 0;
-        /* One trailing newline (as echo writes it) is not part of the secret. */
         while (n > 0 && (contents[n - 1] == '\n' || contents[n - 1] == '\r'))
                 contents[--n] = 0;
         if (n == 0) {
-                explicit_bzero(contents, (size_t) st.st_size);
+                g_free(contents);
                 return -ENODATA;
         }
-        *ret = TAKE_PTR(contents);
+        *ret = contents;
         return 0;
 }
 
-static void resolve_secret(Parser *p, ProviderConfig *pc, const ConfigSources *src, bool needed) {
+/* A key goes into an Authorization: header: a line break in it would add a header of the key
+ * file's choosing, and other control characters have no place there either. */
+static bool secret_is_valid(const char *s) {
+        return find_control_char(s) < 0;
+}
+
+static void find_secret(Parser *p, ProviderConfig *pc, const ConfigSources *src, bool needed) {
         g_autofree char *path = NULL;
         const char *v;
         int r;
@@ -839,7 +984,7 @@ static void resolve_secret(Parser *p, ProviderConfig *pc, const ConfigSources *s
                         }
                         if (r != -ENOENT) {
                                 parser_error(p, "provider '%s': cannot read credential '%s': %s",
-                                             pc->name, pc->api_key_credential, g_strerror(-r));
+                                             pc->name, pc->api_key_credential, read_error_to_string(r));
                                 return;
                         }
                 }
@@ -857,10 +1002,10 @@ static void resolve_secret(Parser *p, ProviderConfig *pc, const ConfigSources *s
                         parser_error(p, "provider '%s': APIKeyFile='%s' is empty", pc->name, pc->api_key_file);
                 else
                         parser_error(p, "provider '%s': cannot read APIKeyFile='%s': %s", pc->name,
-                                     pc->api_key_file, g_strerror(-r));
+                                     pc->api_key_file, read_error_to_string(r));
                 return;
         }
-        if (pc->api_key_env && (v = env_get(src->environ, pc->api_key_env))) {
+        if (pc->api_key_env && (v = env_get(p, src->environ, pc->api_key_env))) {
                 pc->api_key = g_strdup(v);
                 pc->api_key_source = g_strdup_printf("environment variable %s", pc->api_key_env);
                 return;
@@ -881,6 +1026,16 @@ static void resolve_secret(Parser *p, ProviderConfig *pc, const ConfigSources *s
                 parser_warning(p, "provider '%s': API key (%s%s) not found, requests are sent without one",
                                pc->name, pc->api_key_credential ? "credential " : "environment variable ",
                                pc->api_key_credential ?: pc->api_key_env);
+}
+
+static void resolve_secret(Parser *p, ProviderConfig *pc, const ConfigSources *src, bool needed) {
+        find_secret(p, pc, src, needed);
+        if (pc->api_key && !secret_is_valid(pc->api_key)) {
+                parser_error(p, "provider '%s': the API key from %s contains a line break or another control "
+                             "character, which would inject a header into requests; refusing it",
+                             pc->name, strna(pc->api_key_source));
+                erase_and_free(TAKE_PTR(pc->api_key));
+        }
 }
 
 static char *provider_names(const Config *c) {
@@ -928,19 +1083,27 @@ static void load_client_tokens(Parser *p, const ConfigSources *src) {
                 return;
         }
         if (r < 0) {
-                parser_error(p, "cannot read the client tokens (%s '%s'): %s", what, path, g_strerror(-r));
+                parser_error(p, "cannot read the client tokens (%s '%s'): %s", what, path, read_error_to_string(r));
                 return;
         }
 
         size_t size = strlen(contents);
+        unsigned line_number = 0;
         c->client_token_digests = g_ptr_array_new_with_free_func(g_free);
         for (char *line = contents, *next; line && *line; line = next) {
                 next = strchr(line, '\n');
                 if (next)
                         *next++ = 0;
+                line_number++;
                 g_strstrip(line);
                 if (line[0] == 0 || line[0] == '#')
                         continue;
+                /* No client could send it: a token that can never match is a mistake to report. */
+                if (!secret_is_valid(line)) {
+                        parser_error(p, "the client tokens (%s '%s'): the token on line %u contains a control "
+                                     "character", what, path, line_number);
+                        continue;
+                }
                 g_ptr_array_add(c->client_token_digests, config_token_digest(line, strlen(line)));
         }
         if (c->client_token_digests->len == 0)

@@ -83,6 +83,7 @@ typedef struct Config {
         char *client_tokens_file;
 
         GPtrArray *providers;      /* ProviderConfig*, in the order they were first defined */
+        GHashTable *providers_by_name; /* name → ProviderConfig* (the references of providers) */
         GHashTable *mappings;      /* model → provider name */
         GPtrArray *mapping_order;  /* model names, insertion order, for stable output */
 
@@ -108,6 +109,7 @@ int config_load(const ConfigSources *src, Config **ret, GPtrArray **ret_errors, 
 /* Built-in defaults: the plan's three providers plus the local echo provider. */
 Config *config_new_default(void);
 
+/* O(1): a hash table by name. */
 ProviderConfig *config_find_provider(const Config *c, const char *name);
 
 bool provider_name_is_valid(const char *name);

@@ -1,4 +1,5 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include <assert.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -84,41 +85,9 @@ int log_get_max_level(void) {
         return max_level;
 }
 
-int log_internal(int level, int error, const char *file, int line, const char *func,
-                 const char *format, ...) {
-        char buf[2048];
-        va_list ap;
-        int saved_errno = errno;
-
-        errno = error;
-        va_start(ap, format);
-        (void) vsnprintf(buf, sizeof(buf), format, ap);
-        va_end(ap);
-
-        if (target == LOG_TARGET_JOURNAL) {
-                char code_line[32];
-                (void) snprintf(code_line, sizeof(code_line), "CODE_LINE=%d", line);
-                if (error > 0)
-                        (void) sd_journal_send("MESSAGE=%s", buf, "PRIORITY=%i", level,
-                                               "SYSLOG_IDENTIFIER=provider-router",
-                                               "ERRNO=%i", error, "CODE_FILE=%s", file,
-                                               code_line, "CODE_FUNC=%s", func, NULL);
-                else
-                        (void) sd_journal_send("MESSAGE=%s", buf, "PRIORITY=%i", level,
-                                               "SYSLOG_IDENTIFIER=provider-router",
-                                               "CODE_FILE=%s", file, code_line,
-                                               "CODE_FUNC=%s", func, NULL);
-        } else {
-                (void) fprintf(stderr, "%s\n", buf);
-                (void) fflush(stderr);
-        }
-
-        errno = saved_errno;
-        return -error;
-}
-
 /* A bounded text builder for the request log, which runs for every request: plain appends and
- * integer formatting, no printf machinery and no allocation. Output past the end is cut. */
+ * integer formatting, no printf machinery and no allocation. Output past the end is cut; the
+ * buffers are sized so that, with every field capped, it never is. */
 typedef struct Text {
         char *p;
         size_t size, len;
@@ -167,14 +136,134 @@ static void text_duration(Text *t, usec_t u) {
                 text_frac(t, u / USEC_PER_SEC, (unsigned) (u % USEC_PER_SEC / 100000), 1, "s");
 }
 
+/* "…[cut N bytes]": N bytes of the value were left out. At most LOG_CUT_MARKER_MAX bytes. */
+static void text_cut_marker(Text *t, size_t cut) {
+        text_str(t, "…[cut ");
+        text_u64(t, cut);
+        text_str(t, " bytes]");
+}
+
+/* Up to max bytes of a value as it is (the journal takes any bytes), never ending inside a UTF-8
+ * sequence, then the cut marker if it did not all fit. */
+static void text_capped(Text *t, const char *s, size_t n, size_t max) {
+        size_t k = n;
+
+        if (n > max) {
+                k = max;
+                /* Back off over continuation bytes to the start of the sequence that was cut. */
+                for (size_t i = 0; i < 3 && k > 0 && ((unsigned char) s[k] & 0xc0) == 0x80; i++)
+                        k--;
+        }
+        text_mem(t, s, k);
+        if (k < n)
+                text_cut_marker(t, n - k);
+}
+
+/* A value for a line a person reads, at most max bytes of output (then the cut marker):
+ * control characters, bytes that are not UTF-8, C1 controls and the backslash are written as
+ * escapes (\n, \r, \t, \\, \xNN), so that no client can start a forged log line or send an escape
+ * sequence to a terminal. With quote, a ' is escaped too (the value is shown in quotes). */
+static void text_escaped(Text *t, const char *s, size_t n, size_t max, bool quote) {
+        static const char hex[] = "0123456789abcdef";
+        size_t start = t->len, i = 0;
+
+        while (i < n) {
+                unsigned char c = (unsigned char) s[i];
+                char e[16];
+                size_t e_len = 0, in_len = 1;
+
+                if (c >= 0x20 && c < 0x7f && c != '\\' && !(quote && c == '\'')) {
+                        e[e_len++] = (char) c;
+                } else if (c == '\\' || c == '\'') {
+                        e[e_len++] = '\\';
+                        e[e_len++] = (char) c;
+                } else if (c == '\n' || c == '\r' || c == '\t') {
+                        e[e_len++] = '\\';
+                        e[e_len++] = c == '\n' ? 'n' : c == '\r' ? 'r' : 't';
+                } else {
+                        gunichar u = c >= 0x80 ? g_utf8_get_char_validated(s + i, (gssize) MIN(n - i, (size_t) 4))
+                                               : (gunichar) -1;
+
+                        if (u < (gunichar) -2 && u >= 0xa0) {
+                                /* A valid character that is not a C1 control: as it is. */
+                                in_len = (size_t) (g_utf8_next_char(s + i) - (s + i));
+                                memcpy(e, s + i, in_len);
+                                e_len = in_len;
+                        } else {
+                                /* A C0/C1 control, DEL, or a byte that is not UTF-8: every byte escaped. */
+                                if (u < (gunichar) -2)
+                                        in_len = (size_t) (g_utf8_next_char(s + i) - (s + i));
+                                for (size_t k = 0; k < in_len; k++) {
+                                        unsigned char b = (unsigned char) s[i + k];
+                                        e[e_len++] = '\\';
+                                        e[e_len++] = 'x';
+                                        e[e_len++] = hex[b >> 4];
+                                        e[e_len++] = hex[b & 15];
+                                }
+                        }
+                }
+                if (t->len - start + e_len > max)
+                        break;
+                text_mem(t, e, e_len);
+                i += in_len;
+        }
+        if (i < n)
+                text_cut_marker(t, n - i);
+}
+
+static void text_escaped_str(Text *t, const char *s, size_t max, bool quote) {
+        text_escaped(t, s, strlen(s), max, quote);
+}
+
+int log_internal(int level, int error, const char *file, int line, const char *func,
+                 const char *format, ...) {
+        char buf[2048];
+        va_list ap;
+        int saved_errno = errno;
+
+        errno = error;
+        va_start(ap, format);
+        (void) vsnprintf(buf, sizeof(buf), format, ap);
+        va_end(ap);
+
+        if (target == LOG_TARGET_JOURNAL) {
+                char code_line[32];
+                (void) snprintf(code_line, sizeof(code_line), "CODE_LINE=%d", line);
+                if (error > 0)
+                        (void) sd_journal_send("MESSAGE=%s", buf, "PRIORITY=%i", level,
+                                               "SYSLOG_IDENTIFIER=provider-router",
+                                               "ERRNO=%i", error, "CODE_FILE=%s", file,
+                                               code_line, "CODE_FUNC=%s", func, NULL);
+                else
+                        (void) sd_journal_send("MESSAGE=%s", buf, "PRIORITY=%i", level,
+                                               "SYSLOG_IDENTIFIER=provider-router",
+                                               "CODE_FILE=%s", file, code_line,
+                                               "CODE_FUNC=%s", func, NULL);
+        } else {
+                /* Messages quote what clients and files said: no control character reaches the
+                 * terminal as it is. */
+                char out[sizeof(buf) * 4 + 64];
+                Text t = { .p = out, .size = sizeof(out) };
+
+                text_escaped_str(&t, buf, sizeof(out) - 64, false);
+                text_mem(&t, "\n", 1);
+                (void) fwrite(out, 1, t.len, stderr);
+                (void) fflush(stderr);
+        }
+
+        errno = saved_errno;
+        return -error;
+}
+
 /* "NAME=value" into the field buffer, and an iovec pointing at it. */
 typedef struct Fields {
         Text text;
-        struct iovec iov[26];
+        struct iovec iov[LOG_JOURNAL_FIELDS_MAX];
         size_t n;
 } Fields;
 
 static void field_begin(Fields *f, const char *name) {
+        assert(f->n < ELEMENTSOF(f->iov));
         f->iov[f->n].iov_base = f->text.p + f->text.len;
         text_str(&f->text, name);
         text_mem(&f->text, "=", 1);
@@ -185,11 +274,12 @@ static void field_end(Fields *f) {
         f->n++;
 }
 
-static void field_str(Fields *f, const char *name, const char *value) {
+/* A value as it is, capped; NULL leaves the field out. */
+static void field_str(Fields *f, const char *name, const char *value, size_t max) {
         if (!value)
                 return;
         field_begin(f, name);
-        text_str(&f->text, value);
+        text_capped(&f->text, value, strlen(value), max);
         field_end(f);
 }
 
@@ -199,27 +289,41 @@ static void field_u64(Fields *f, const char *name, uint64_t value) {
         field_end(f);
 }
 
-void log_request(const RequestLogEntry *e, int level) {
-        char message_buf[1024];
-        /* One byte kept back for the newline of the stderr line. */
-        Text m = { .p = message_buf, .size = sizeof(message_buf) - 1 };
+static LogJournalSendv journal_sendv = NULL;
 
-        if (max_level < level)
-                return;
+void log_set_journal_sendv(LogJournalSendv f) {
+        journal_sendv = f;
+}
 
-        /* User-controlled strings (model, path) are quoted; no header value is ever logged, so
-         * credentials cannot reach the log. */
-        text_str(&m, e->provider ?: "-");
+void log_set_target(LogTarget t) {
+        target = t;
+}
+
+static int send_entry(const struct iovec *iov, size_t n) {
+        if (journal_sendv)
+                return journal_sendv(iov, (int) n);
+        return sd_journal_sendv(iov, (int) n);
+}
+
+size_t log_request_message(const RequestLogEntry *e, char *buf, size_t size) {
+        Text m = { .p = buf, .size = size };
+
+        assert(size > 0);
+        buf[0] = 0;
+
+        /* Client-controlled strings (model, path, the X-Provider name in an error) are escaped and
+         * capped; no header value is ever logged, so credentials cannot reach the log. */
+        text_escaped_str(&m, e->provider ?: "-", LOG_MESSAGE_SHORT_MAX, false);
         text_mem(&m, " ", 1);
-        text_str(&m, e->method);
+        text_escaped_str(&m, strempty(e->method), LOG_MESSAGE_SHORT_MAX, false);
         text_mem(&m, " '", 2);
-        text_str(&m, e->path);
+        text_escaped_str(&m, strempty(e->path), LOG_MESSAGE_PATH_MAX, true);
         text_str(&m, "' model='");
-        text_str(&m, strempty(e->model));
+        text_escaped_str(&m, strempty(e->model), LOG_MESSAGE_MODEL_MAX, true);
         text_str(&m, "' stream=");
         text_str(&m, yes_no(e->stream));
         text_str(&m, " route=");
-        text_str(&m, e->route ?: "-");
+        text_escaped_str(&m, e->route ?: "-", LOG_MESSAGE_SHORT_MAX, false);
         text_str(&m, " -> ");
         text_u64(&m, e->status);
         text_str(&m, " in ");
@@ -239,56 +343,113 @@ void log_request(const RequestLogEntry *e, int level) {
         }
         if (e->tried) {
                 text_str(&m, " tried=");
-                text_str(&m, e->tried);
+                text_escaped_str(&m, e->tried, LOG_MESSAGE_TRIED_MAX, false);
         }
         text_str(&m, " id=");
-        text_str(&m, e->request_id);
+        text_escaped_str(&m, strempty(e->request_id), LOG_MESSAGE_SHORT_MAX, false);
         if (e->error_message) {
                 text_str(&m, ": ");
-                text_str(&m, e->error_message);
+                text_escaped_str(&m, e->error_message, LOG_MESSAGE_ERROR_MAX, false);
         }
+        return m.len;
+}
+
+size_t log_request_fields(const RequestLogEntry *e, int level, const char *message,
+                          char *buf, size_t size, struct iovec iov[static LOG_JOURNAL_FIELDS_MAX]) {
+        Fields f = { .text = { .p = buf, .size = size } };
+
+        field_str(&f, "MESSAGE", message, LOG_MESSAGE_MAX);
+        field_u64(&f, "PRIORITY", (uint64_t) level);
+        field_str(&f, "SYSLOG_IDENTIFIER", "provider-router", LOG_FIELD_SHORT_MAX);
+        field_str(&f, "PROVIDER", strempty(e->provider), LOG_FIELD_SHORT_MAX);
+        field_str(&f, "MODEL", strempty(e->model), LOG_FIELD_MAX);
+        field_u64(&f, "STATUS", e->status);
+        field_u64(&f, "DURATION_USEC", e->duration_usec);
+        field_str(&f, "REQUEST_ID", e->request_id, LOG_FIELD_SHORT_MAX);
+        field_u64(&f, "STREAM", e->stream);
+        field_str(&f, "METHOD", e->method, LOG_FIELD_SHORT_MAX);
+        field_str(&f, "PATH", e->path, LOG_FIELD_MAX);
+        field_str(&f, "ROUTE", e->route, LOG_FIELD_SHORT_MAX);
+        field_u64(&f, "BYTES_IN", e->bytes_in);
+        field_u64(&f, "BYTES_OUT", e->bytes_out);
+        if (e->ttfb_usec != USEC_INFINITY)
+                field_u64(&f, "TTFB_USEC", e->ttfb_usec);
+        field_str(&f, "ERROR_TYPE", e->error_type, LOG_FIELD_SHORT_MAX);
+        field_str(&f, "REMOTE_ADDR", e->remote, LOG_FIELD_MAX);
+        if (e->prompt_tokens != UINT64_MAX) {
+                field_u64(&f, "PROMPT_TOKENS", e->prompt_tokens);
+                field_u64(&f, "COMPLETION_TOKENS", e->completion_tokens);
+        }
+        if (e->attempts > 1)
+                field_u64(&f, "ATTEMPTS", e->attempts);
+        field_str(&f, "PROVIDERS_TRIED", e->tried, LOG_FIELD_MAX);
+        if (e->response_body) {
+                field_begin(&f, "RESPONSE_BODY");
+                text_capped(&f.text, e->response_body, e->response_body_size, LOG_RESPONSE_BODY_MAX);
+                field_end(&f);
+        }
+        memcpy(iov, f.iov, f.n * sizeof(struct iovec));
+        return f.n;
+}
+
+/* What is left when the journal refused the whole entry: who, what came of it, and why the rest
+ * is missing. Every value here is the router's own or already validated, and short. */
+static int log_request_minimal(const RequestLogEntry *e, int level, int error) {
+        char buf[1024];
+        Fields f = { .text = { .p = buf, .size = sizeof(buf) } };
+
+        field_begin(&f, "MESSAGE");
+        text_escaped_str(&f.text, e->provider ?: "-", LOG_MESSAGE_SHORT_MAX, false);
+        text_str(&f.text, " request id=");
+        text_escaped_str(&f.text, strempty(e->request_id), LOG_MESSAGE_SHORT_MAX, false);
+        text_str(&f.text, " -> ");
+        text_u64(&f.text, e->status);
+        text_str(&f.text, " (the full log entry was refused: ");
+        text_str(&f.text, g_strerror(error));
+        text_str(&f.text, ")");
+        field_end(&f);
+        field_u64(&f, "PRIORITY", (uint64_t) level);
+        field_str(&f, "SYSLOG_IDENTIFIER", "provider-router", LOG_FIELD_SHORT_MAX);
+        field_str(&f, "REQUEST_ID", e->request_id, LOG_FIELD_SHORT_MAX);
+        field_u64(&f, "STATUS", e->status);
+        field_str(&f, "PROVIDER", strempty(e->provider), LOG_FIELD_SHORT_MAX);
+        return send_entry(f.iov, f.n);
+}
+
+void log_request(const RequestLogEntry *e, int level) {
+        char message_buf[LOG_MESSAGE_MAX + 2];
+        size_t len;
+
+        if (max_level < level)
+                return;
+
+        /* One byte kept back for the newline of the stderr line. */
+        len = log_request_message(e, message_buf, sizeof(message_buf) - 1);
 
         if (target == LOG_TARGET_JOURNAL) {
-                char fields_buf[8192];
-                Fields f = { .text = { .p = fields_buf, .size = sizeof(fields_buf) } };
+                char fields_buf[LOG_JOURNAL_ENTRY_MAX];
+                struct iovec iov[LOG_JOURNAL_FIELDS_MAX];
+                size_t n;
+                int r;
 
-                field_str(&f, "MESSAGE", message_buf);
-                field_u64(&f, "PRIORITY", (uint64_t) level);
-                field_str(&f, "SYSLOG_IDENTIFIER", "provider-router");
-                field_str(&f, "PROVIDER", strempty(e->provider));
-                field_str(&f, "MODEL", strempty(e->model));
-                field_u64(&f, "STATUS", e->status);
-                field_u64(&f, "DURATION_USEC", e->duration_usec);
-                field_str(&f, "REQUEST_ID", e->request_id);
-                field_u64(&f, "STREAM", e->stream);
-                field_str(&f, "METHOD", e->method);
-                field_str(&f, "PATH", e->path);
-                field_str(&f, "ROUTE", e->route);
-                field_u64(&f, "BYTES_IN", e->bytes_in);
-                field_u64(&f, "BYTES_OUT", e->bytes_out);
-                if (e->ttfb_usec != USEC_INFINITY)
-                        field_u64(&f, "TTFB_USEC", e->ttfb_usec);
-                field_str(&f, "ERROR_TYPE", e->error_type);
-                field_str(&f, "REMOTE_ADDR", e->remote);
-                if (e->prompt_tokens != UINT64_MAX) {
-                        field_u64(&f, "PROMPT_TOKENS", e->prompt_tokens);
-                        field_u64(&f, "COMPLETION_TOKENS", e->completion_tokens);
-                }
-                if (e->attempts > 1)
-                        field_u64(&f, "ATTEMPTS", e->attempts);
-                field_str(&f, "PROVIDERS_TRIED", e->tried);
-                if (e->response_body) {
-                        field_begin(&f, "RESPONSE_BODY");
-                        text_mem(&f.text, e->response_body, MIN(e->response_body_size, (size_t) 4096));
-                        field_end(&f);
-                }
-                (void) sd_journal_sendv(f.iov, (int) f.n);
-                return;
+                n = log_request_fields(e, level, message_buf, fields_buf, sizeof(fields_buf), iov);
+                r = send_entry(iov, n);
+                if (r < 0)
+                        r = log_request_minimal(e, level, -r);
+                if (r >= 0)
+                        return;
+                /* Not even that: the line goes to stderr, which systemd also collects. */
         }
 
-        message_buf[m.len++] = '\n';
-        (void) fwrite(message_buf, 1, m.len, stderr);
-        if (e->response_body)
-                (void) fprintf(stderr, "  response: %.*s\n", (int) MIN(e->response_body_size, (size_t) 4096),
-                               e->response_body);
+        message_buf[len++] = '\n';
+        (void) fwrite(message_buf, 1, len, stderr);
+        if (e->response_body) {
+                char body_buf[LOG_RESPONSE_BODY_MAX + 128];
+                Text b = { .p = body_buf, .size = sizeof(body_buf) };
+
+                text_str(&b, "  response: ");
+                text_escaped(&b, e->response_body, e->response_body_size, LOG_RESPONSE_BODY_MAX, false);
+                text_mem(&b, "\n", 1);
+                (void) fwrite(body_buf, 1, b.len, stderr);
+        }
 }

@@ -3,6 +3,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/uio.h>
 #include <syslog.h>
 
 #include "util.h"
@@ -79,4 +80,36 @@ typedef struct RequestLogEntry {
         const char *tried;        /* providers tried, when more than one */
 } RequestLogEntry;
 
+/* Writes one request's entry: to the journal with its fields, or one line on stderr. Every
+ * client-controlled value is capped (a cut one ends in "…[cut N bytes]"), so the entry always
+ * fits; should the journal refuse it anyway, a minimal entry (MESSAGE, PRIORITY, REQUEST_ID,
+ * STATUS, PROVIDER) is sent instead, and failing that the line goes to stderr. On stderr and in
+ * MESSAGE, control characters and bytes that are not UTF-8 are escaped (\n, \x1b), so no client
+ * can forge a log line or reach a terminal. */
 void log_request(const RequestLogEntry *e, int level);
+
+/* Caps, in bytes. In the MESSAGE/stderr line, of each escaped value: */
+#define LOG_MESSAGE_MAX 4096         /* the whole line; the caps below add up to less */
+#define LOG_MESSAGE_SHORT_MAX 128    /* provider, method, route, request id */
+#define LOG_MESSAGE_PATH_MAX 512
+#define LOG_MESSAGE_MODEL_MAX 256
+#define LOG_MESSAGE_TRIED_MAX 256
+#define LOG_MESSAGE_ERROR_MAX 1024
+/* Of each journal field's value, as it is: */
+#define LOG_FIELD_MAX 2048           /* MODEL, PATH, REMOTE_ADDR, PROVIDERS_TRIED */
+#define LOG_FIELD_SHORT_MAX 256      /* PROVIDER, REQUEST_ID, METHOD, ROUTE, ERROR_TYPE */
+#define LOG_RESPONSE_BODY_MAX 4096   /* RESPONSE_BODY, and the response line on stderr */
+/* One whole entry: MESSAGE + 6 short + 4 long fields + RESPONSE_BODY + numbers, with room. */
+#define LOG_JOURNAL_ENTRY_MAX (24 * 1024)
+#define LOG_JOURNAL_FIELDS_MAX 26
+
+/* The parts of log_request(), for tests: the line (returns its length; buf holds it
+ * NUL-terminated) and the journal fields (returns how many iovecs, pointing into buf). */
+size_t log_request_message(const RequestLogEntry *e, char *buf, size_t size);
+size_t log_request_fields(const RequestLogEntry *e, int level, const char *message,
+                          char *buf, size_t size, struct iovec iov[static LOG_JOURNAL_FIELDS_MAX]);
+
+/* For tests: where journal entries go (NULL: sd_journal_sendv()), and the target. */
+typedef int (*LogJournalSendv)(const struct iovec *iov, int n);
+void log_set_journal_sendv(LogJournalSendv f);
+void log_set_target(LogTarget t);

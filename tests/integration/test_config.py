@@ -1,17 +1,20 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """Configuration: --check-config, drop-ins and environment precedence, a run on environment
-variables alone, a refused configuration."""
+variables alone, a refused configuration, and values that cannot be read: each is an error, for
+--check-config and for a reload, never a silently kept default."""
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (PROVIDER_ROUTER, SHIPPED_CONFIG, SLOW, RouterTestCase, _base_env,  # noqa: E402
-                     chat_body, free_port, main, router_config, run_check_config)
+                     chat_body, free_port, main, router_config, run_check_config, wait_until)
 
 DEFAULT_CONFIG_FILE = "/etc/provider-router/provider-router.conf"
 QWEN_KEY = "sk-qwen-from-environment-42"
@@ -208,6 +211,180 @@ class PrecedenceTest(RouterTestCase):
         self.assertEqual(r.json()["choices"][0]["message"]["content"], "gamma: key?")
         self.assertEqual(gamma.stats()["last_request"]["headers"].get("authorization"), "Bearer " + QWEN_KEY)
         self.assertNotIn(QWEN_KEY, router.log(limit=None))
+
+
+class UnreadableValueTest(RouterTestCase):
+    """Every configuration value that cannot be read is an error. Each case: --check-config exits
+    1 naming the file, group and key; a running daemon refuses the same file on reload (SIGHUP),
+    says why, and keeps serving with the configuration it had."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="provider-router-unreadable-")
+        self.addCleanup(lambda: subprocess.run(["rm", "-rf", self.dir]))
+        self.tokens = self.secret_file("client-tokens", b"# the router's clients\ngood-token\n")
+
+    def secret_file(self, name, data):
+        path = os.path.join(self.dir, name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return path
+
+    def fifo(self, name):
+        path = os.path.join(self.dir, name)
+        os.mkfifo(path, 0o600)
+        return path
+
+    @staticmethod
+    def good_config(port, tokens):
+        return router_config(port, {}, default="echo", router={"ClientTokensFile": tokens})
+
+    def write_conf(self, data, name="check.conf"):
+        path = os.path.join(self.dir, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def check_config_refuses(self, data, *needles, env=None):
+        """--check-config on the text (bytes) exits 1, promptly, with every needle in one error line."""
+        path = self.write_conf(data)
+        start = time.monotonic()
+        rc, out, err = run_check_config(path, env=env, timeout=20)
+        self.assertLess(time.monotonic() - start, 10 * SLOW, "--check-config took too long")
+        self.assertEqual(rc, 1, out + err)
+        self.assertNotIn("Configuration OK", out)
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        self.assertTrue(any(all(n in line for n in needles) for line in errors),
+                        "no error line with %r in:\n%s" % (needles, err))
+        self.assertIn("%d error(s)" % len(errors), err)
+        return err
+
+    def start_with_tokens(self):
+        router = self.start_router(lambda port: self.good_config(port, self.tokens))
+        self.assert_tokens_enforced(router)
+        return router
+
+    def assert_tokens_enforced(self, router):
+        r = router.chat(chat_body("hi"), headers={"X-Provider": "echo"})
+        self.assert_error(r, 401, "authentication_error")
+        r = router.chat(chat_body("still there?"), headers={"X-Provider": "echo",
+                                                            "Authorization": "Bearer good-token"})
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json()["choices"][0]["message"]["content"], "still there?", r)
+
+    def reload_refused(self, router, data, *needles):
+        """Replaces the daemon's file with data, sends SIGHUP, and waits for the refusal."""
+        before = router.log(limit=None).count("Keeping the previous configuration.")
+        with open(router.config_path, "wb") as f:
+            f.write(data)
+        router.send_signal(signal.SIGHUP)
+        wait_until(lambda: router.log(limit=None).count("Keeping the previous configuration.") > before,
+                   10 * SLOW, what="the reload to be refused")
+        log = router.log(limit=None)
+        self.assertTrue(any(all(n in line for n in needles) for line in log.splitlines()),
+                        "no log line with %r in:\n%s" % (needles, log[-3000:]))
+        self.assertNotIn("Configuration reloaded", log)
+        # Still the old configuration: client tokens enforced, echo answers.
+        self.assert_tokens_enforced(router)
+
+    def bad_router_line(self, port, line):
+        text = self.good_config(port, self.tokens).encode()
+        return text.replace(b"[Router]\n", b"[Router]\n" + line + b"\n", 1)
+
+    def test_client_tokens_file_not_utf8(self):
+        # Skipped until now: authentication off, and --check-config said OK.
+        line = b"ClientTokensFile=" + self.tokens.encode() + b"\xe9"
+        needles = ("[Router] ClientTokensFile= is not valid UTF-8",)
+        err = self.check_config_refuses(b"[Router]\n" + line + b"\n", "check.conf:", *needles)
+        self.assertNotIn("\xe9", err)
+        router = self.start_with_tokens()
+        # A later ClientTokensFile= line in the same group wins in GLib's key file: put it last.
+        text = self.good_config(router.port, self.tokens).encode() + b"[Router]\n" + line + b"\n"
+        self.reload_refused(router, text, *needles)
+
+    def test_cors_origin_not_utf8(self):
+        line = b"CORSAllowOrigin=https://caf\xe9.example"
+        needles = ("[Router] CORSAllowOrigin= is not valid UTF-8",)
+        self.check_config_refuses(b"[Router]\n" + line + b"\n", *needles)
+        router = self.start_with_tokens()
+        self.reload_refused(router, self.bad_router_line(router.port, line), *needles)
+
+    def test_invalid_escape_and_control_characters(self):
+        self.check_config_refuses(b"[Router]\nCORSAllowOrigin=a\\qb\n", "CORSAllowOrigin=", "escape sequence")
+        line = b"CORSAllowOrigin=https://a.example\\r\\nSet-Cookie: x=1"
+        needles = ("CORSAllowOrigin= contains a control character (0x0d)",)
+        self.check_config_refuses(b"[Router]\n" + line + b"\n", *needles)
+        router = self.start_with_tokens()
+        self.reload_refused(router, self.bad_router_line(router.port, line), *needles)
+
+    def test_nul_byte_in_file(self):
+        needles = ("contains a NUL byte",)
+        self.check_config_refuses(b"[Router]\nDefaultProvider=echo\x00ignored\n", "check.conf", *needles)
+        router = self.start_with_tokens()
+        self.reload_refused(router, self.bad_router_line(router.port, b"Port=1\x00"), *needles)
+
+    def test_api_key_file_fifo(self):
+        # open() of a FIFO without O_NONBLOCK waits for a writer: --check-config hung, and a
+        # reload froze the daemon.
+        key = self.fifo("key-fifo")
+        provider = b"[Provider keyed]\nBaseURL=http://127.0.0.1:9/v1\nAPIKeyFile=" + key.encode() + b"\n"
+        needles = ("provider 'keyed': cannot read APIKeyFile='%s': it is not a regular file" % key,)
+        self.check_config_refuses(b"[Router]\nDefaultProvider=keyed\n" + provider, *needles)
+        router = self.start_with_tokens()
+        text = self.good_config(router.port, self.tokens).encode() + provider
+        self.reload_refused(router, text, *needles)
+
+    def test_client_tokens_file_fifo(self):
+        tokens_fifo = self.fifo("tokens-fifo")
+        line = b"ClientTokensFile=" + tokens_fifo.encode()
+        needles = ("ClientTokensFile= '%s'" % tokens_fifo, "not a regular file")
+        self.check_config_refuses(b"[Router]\n" + line + b"\n", *needles)
+        router = self.start_with_tokens()
+        text = self.good_config(router.port, self.tokens).encode() + b"[Router]\n" + line + b"\n"
+        self.reload_refused(router, text, *needles)
+
+    def test_config_dropin_fifo(self):
+        router = self.start_with_tokens()
+        dropins = router.config_path + ".d"
+        os.makedirs(dropins, exist_ok=True)
+        fifo = os.path.join(dropins, "50-fifo.conf")
+        os.mkfifo(fifo, 0o600)
+        needles = (fifo, "not a regular file")
+        rc, out, err = run_check_config(router.config_path, timeout=20)
+        self.assertEqual(rc, 1, out + err)
+        self.assertIn("error: %s: cannot read the file: it is not a regular file" % fifo, err)
+        with open(router.config_path, "rb") as f:
+            text = f.read()
+        self.reload_refused(router, text, *needles)
+
+    def test_api_key_with_line_break(self):
+        key = self.secret_file("key", b"sk-abc\r\nX-Injected: yes\n")
+        provider = b"[Provider keyed]\nBaseURL=http://127.0.0.1:9/v1\nAPIKeyFile=" + key.encode() + b"\n"
+        needles = ("provider 'keyed': the API key from file '%s' contains a line break" % key, "inject a header")
+        err = self.check_config_refuses(b"[Router]\nDefaultProvider=keyed\n" + provider, *needles)
+        self.assertNotIn("sk-abc", err)
+        router = self.start_with_tokens()
+        text = self.good_config(router.port, self.tokens).encode() + provider
+        self.reload_refused(router, text, *needles)
+        self.assertNotIn("sk-abc", router.log(limit=None))
+
+    def test_api_key_from_environment_with_line_break(self):
+        needles = ("provider 'qwen-direct': the API key from environment variable QWEN_API_KEY contains a line break",)
+        err = self.check_config_refuses(b"[Router]\nDefaultProvider=qwen-direct\n", *needles,
+                                        env={"QWEN_API_KEY": "sk-env\nX-Injected: yes"})
+        self.assertNotIn("sk-env", err)
+        # The daemon refuses to start on it, too.
+        path = self.write_conf(b"[Router]\nDefaultProvider=qwen-direct\n", "start.conf")
+        p = subprocess.run([PROVIDER_ROUTER, "--bus=none", "--config", path],
+                           env=_base_env({"QWEN_API_KEY": "sk-env\r\nX-Injected: yes"}),
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=30 * SLOW)
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertIn(needles[0], p.stderr.decode())
+        self.assertNotIn("sk-env", p.stderr.decode())
+
+    def test_environment_not_utf8(self):
+        self.check_config_refuses(b"", "environment: DEFAULT_PROVIDER is not valid UTF-8",
+                                  env={"DEFAULT_PROVIDER": os.fsdecode(b"caf\xe9")})
 
 
 if __name__ == "__main__":

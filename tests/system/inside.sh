@@ -3,7 +3,8 @@
 #
 # The system test's checks, run as root inside the booted Debian container by
 # tests/system/run:   inside.sh /payload/provider-router_VERSION_ARCH.deb
-# /payload also holds mock-provider (tests/mock). Prints TAP-like "ok N - ..." and
+# /payload also holds mock-provider (tests/mock) and src/, the source tree for the README's
+# first command (scripts/run), tried last, once the package is purged. Prints TAP-like "ok N - ..." and
 # "not ok N - ..." lines; exits non-zero if any check failed. Every wait is bounded.
 set -uo pipefail
 
@@ -202,6 +203,22 @@ journal_fields() {
 check "journalctl -u provider-router PROVIDER=mock shows the request (request id $rid) with its fields" \
         wait_for 10 journal_fields
 journal_fields || journalctl -u provider-router PROVIDER=mock -o verbose --no-pager -n 2 | sed 's/^/#   /'
+
+# A client once kept its request out of the journal with a long model name: the fields overflowed
+# a fixed buffer and journald refused the whole entry. Now the name is cut and marked.
+long_model=$(head -c 10240 /dev/zero | tr '\0' m)
+chat longmodel echo "{\"model\":\"$long_model\",\"messages\":[{\"role\":\"user\",\"content\":\"long\"}]}"
+long_rid=$(header longmodel X-Request-Id)
+long_model_in_journal() {
+        local out
+        out=$(journalctl -u provider-router REQUEST_ID="$long_rid" -o export --no-pager 2>/dev/null)
+        printf '%s\n' "$out" | grep -q '^MODEL=mmmmmmmmmmmmmmmm' &&
+                printf '%s\n' "$out" | grep -qF '[cut 8192 bytes]' &&
+                printf '%s\n' "$out" | grep -q '^STATUS=200$' &&
+                printf '%s\n' "$out" | grep -q '^PROVIDER=echo$'
+}
+check "a request with a 10 KB model name has its journal entry (journalctl REQUEST_ID=$long_rid), the name cut and marked" \
+        wait_for 10 long_model_in_journal
 
 # ---- who may do what on the bus --------------------------------------------------------
 as_nobody() { setpriv --reuid=nobody --regid=nogroup --clear-groups "$@"; }
@@ -438,6 +455,51 @@ check "... and keeping the configuration until purge" test -f /etc/provider-rout
 check "the package purges cleanly (dpkg -P)" dpkg -P provider-router
 
 systemctl stop pr-mock-provider.service 2>/dev/null || true
+
+# ---- the README's first command on this clean system ------------------------------------
+# A fresh copy of the source tree; scripts/run installs the build dependencies with apt (their
+# .debs wait in apt's cache, the container has no network), builds and starts the router with
+# the shipped configuration. Then the README's own curl request, and its answer as shown there.
+checkout=/root/provider-router
+cp -a /payload/src "$checkout"
+readme=$checkout/README.md
+check "the build dependencies are not installed yet (a clean system)" \
+        sh -c '! command -v meson && ! command -v gcc && ! dpkg-query -W -f="\${Status}" check 2>/dev/null | grep -q "ok installed"'
+(cd "$checkout" && exec timeout 900 scripts/run) >"$tmp/run.log" 2>&1 &
+run_pid=$!
+router_up() {
+        local end=$((SECONDS + 900))
+        until curl -sf --max-time 2 -o /dev/null http://127.0.0.1:3001/health; do
+                kill -0 "$run_pid" 2>/dev/null || { echo "scripts/run exited"; return 1; }
+                [ $SECONDS -lt $end ] || { echo "not up after 900 s"; return 1; }
+                sleep 1
+        done
+}
+run_up() {
+        router_up || { tail -n 30 "$tmp/run.log"; return 1; }
+}
+check "scripts/run installs, builds and starts the router on 127.0.0.1:3001" run_up
+note "scripts/run: $(grep -m1 '^Installing:' "$tmp/run.log" || echo 'installed nothing')"
+readme_request() {
+        local cmd expected answer
+        # The README's curl command, from "In another terminal:" to the end of its code block.
+        cmd=$(awk '/^In another terminal:/ {f=1} f && /^curl / {c=1} c && /^```/ {exit} c {print}' "$readme")
+        expected=$(awk 'f && /^```json/ {j=1; next} j {print; exit} /^In another terminal:/ {f=1}' "$readme")
+        [ -n "$cmd" ] && [ -n "$expected" ] || { echo "no curl command or answer found in $readme"; return 1; }
+        answer=$(sh -c "$cmd" | sed -E 's/"id":"chatcmpl-[^"]*"/"id":"chatcmpl-…"/; s/"created":[0-9]+/"created":…/')
+        echo "command: $cmd"
+        echo "answer:  $answer"
+        echo "README:  $expected"
+        [ "$answer" = "$expected" ]
+}
+check "the README's curl request gets the README's answer from the echo provider" readme_request
+stop_run() {
+        kill -TERM "$run_pid" 2>/dev/null
+        wait "$run_pid"
+}
+check "the router started by scripts/run stops cleanly on SIGTERM" stop_run
+grep -q 'Dtests=false\|tests *: *False' "$tmp/run.log" && note "scripts/run configured the build without the tests (no check)"
+
 rm -rf "$tmp"
 echo "1..$n"
 [ $failed -eq 0 ]

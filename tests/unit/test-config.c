@@ -646,7 +646,12 @@ START_TEST(test_validate_more_cases) {
                   NULL, { "invalid", "1-64" } },
                 { ONE_PROVIDER "Kind=magic\n", NULL, { "Kind", "'magic'" } },
                 { ONE_PROVIDER "DefaultModel=bad\\tmodel\n", NULL, { "DefaultModel" } },
-                { ONE_PROVIDER "Models=good;bad\\nname\n", NULL, { "Models", "invalid model name" } },
+                { ONE_PROVIDER "Models=good;bad\\nname\n", NULL, { "[Provider p]", "Models=", "control character" } },
+                { ONE_PROVIDER "Models=good;"
+                  "mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm"
+                  "mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm"
+                  "mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm\n",
+                  NULL, { "Models", "invalid model name" } },
                 { ONE_PROVIDER "MaxRetries=11\n", NULL, { "MaxRetries", "'11'" } },
                 { ONE_PROVIDER "MaxConcurrent=lots\n", NULL, { "MaxConcurrent", "'lots'" } },
                 { ONE_PROVIDER "APIKeyCredential=../etc/key\n", NULL, { "APIKeyCredential", "not a path" } },
@@ -1069,6 +1074,605 @@ START_TEST(test_provider_config_refcount) {
 }
 END_TEST
 
+/* ---- values that cannot be read are errors, never skipped ---------------------------- */
+
+START_TEST(test_value_not_utf8) {
+        static const BadCase cases[] = {
+                /* Skipped, this turned authentication off while --check-config said OK. */
+                { "[Router]\nClientTokensFile=/etc/tok\xe9ns\n", NULL,
+                  { "bad.conf", "[Router]", "ClientTokensFile=", "not valid UTF-8" } },
+                /* Skipped, this left CORS at its default. */
+                { "[Router]\nCORSAllowOrigin=https://caf\xe9.example\n", NULL,
+                  { "bad.conf", "[Router]", "CORSAllowOrigin=", "not valid UTF-8" } },
+                { "[Router]\nDefaultProvider=\xff\n", NULL, { "[Router]", "DefaultProvider=", "not valid UTF-8" } },
+                { ONE_PROVIDER "APIKeyFile=/k\xe9y\n", NULL, { "[Provider p]", "APIKeyFile=", "not valid UTF-8" } },
+                { ONE_PROVIDER "Models=a;b\xe9\n", NULL, { "[Provider p]", "Models=", "not valid UTF-8" } },
+                { ONE_PROVIDER "Fallbacks=\xe9\n", NULL, { "[Provider p]", "Fallbacks=", "not valid UTF-8" } },
+                { P_HEAD "BaseURL=http://127.0.0.1:9/\xe9\n", NULL, { "[Provider p]", "BaseURL=", "not valid UTF-8" }, 2 },
+                { ONE_PROVIDER "[ModelMappings]\nm=\xe9\n", NULL, { "[ModelMappings]", "m=", "not valid UTF-8" } },
+                /* An unknown key is still a value that was meant to say something. */
+                { "[Router]\nNoSuchKey=\xe9\n", NULL, { "NoSuchKey=", "not valid UTF-8" } },
+                { "", "DEFAULT_PROVIDER=caf\xe9", { "environment", "DEFAULT_PROVIDER", "not valid UTF-8" } },
+                { "", "QWEN_API_KEY=sk-\xe9", { "environment", "QWEN_API_KEY", "not valid UTF-8" } },
+        };
+
+        check_bad_cases(cases, ELEMENTSOF(cases));
+}
+END_TEST
+
+START_TEST(test_value_unreadable) {
+        static const BadCase cases[] = {
+                /* GLib hands back the raw text with an error; the error counts. */
+                { "[Router]\nCORSAllowOrigin=a\\qb\n", NULL, { "[Router]", "CORSAllowOrigin=", "escape sequence" } },
+                { "[Router]\nClientTokensFile=/etc/to\\kens\n", NULL, { "ClientTokensFile=", "escape sequence" } },
+                /* Escaped control characters: a line break would end a header the value goes into. */
+                { "[Router]\nCORSAllowOrigin=https://a.example\\r\\nSet-Cookie: x=1\n", NULL,
+                  { "[Router]", "CORSAllowOrigin=", "control character", "0x0d" } },
+                { "[Router]\nHost=127.0.0.1\\t\n", NULL, { "Host=", "control character", "0x09" } },
+                { ONE_PROVIDER "Fallbacks=echo;\\necho\n", NULL, { "Fallbacks=", "control character" } },
+        };
+        static const char with_nul[] = "[Router]\nClientTokensFile=/etc/to\0kens\n";
+        g_autofree char *path = g_build_filename(dir, "nul.conf", NULL);
+        ConfigSources src = { .path = path };
+        g_autoptr(GPtrArray) errors = NULL;
+
+        check_bad_cases(cases, ELEMENTSOF(cases));
+
+        /* A NUL byte would silently cut the line it is on: here the token file's name. */
+        ck_assert(g_file_set_contents(path, with_nul, sizeof(with_nul) - 1, NULL));
+        errors = load_fail(&src);
+        assert_n_messages(errors, 1);
+        assert_message(errors, "nul.conf", "NUL byte");
+}
+END_TEST
+
+START_TEST(test_list_escaped_separator) {
+        g_autofree char *path = write_conf("router.conf", ONE_PROVIDER "Models=a\\;b;c\n");
+        ConfigSources src = { .path = path };
+        g_autoptr(Config) c = load_ok(&src, NULL);
+        ProviderConfig *p = config_find_provider(c, "p");
+
+        ck_assert_str_eq(p->models[0], "a;b");
+        ck_assert_str_eq(p->models[1], "c");
+        ck_assert_ptr_null(p->models[2]);
+}
+END_TEST
+
+/* ---- files that are not regular files are refused at once ----------------------------- */
+
+static char *make_fifo(const char *name) {
+        char *path = g_build_filename(dir, name, NULL);
+        g_autofree char *parent = g_path_get_dirname(path);
+
+        ck_assert_int_eq(g_mkdir_with_parents(parent, 0700), 0);
+        ck_assert_int_eq(mkfifo(path, 0600), 0);
+        return path;
+}
+
+START_TEST(test_fifo_refused_without_blocking) {
+        g_autofree char *key = make_fifo("key-fifo");
+        g_autofree char *tokens = make_fifo("tokens-fifo");
+        g_autofree char *cred = make_fifo("credentials/q-key");
+        g_autofree char *creds = g_path_get_dirname(cred);
+        g_autofree char *conf = g_strdup_printf(
+                "[Router]\nDefaultProvider=p\nClientTokensFile=%s\n"
+                "[Provider p]\nBaseURL=http://127.0.0.1:9/v1\nAPIKeyFile=%s\n"
+                "[Provider q]\nBaseURL=http://127.0.0.1:9/v1\nAPIKeyCredential=q-key\n", tokens, key);
+        g_autofree char *path = write_conf("router.conf", conf);
+        ConfigSources src = { .path = path, .credentials_dir = creds };
+        g_autoptr(GPtrArray) errors = NULL;
+        usec_t start = now_usec(CLOCK_MONOTONIC);
+
+        /* Nobody ever writes to the FIFOs: open() without O_NONBLOCK would wait forever. */
+        errors = load_fail(&src);
+        ck_assert_uint_lt(now_usec(CLOCK_MONOTONIC) - start, 5 * USEC_PER_SEC);
+        assert_n_messages(errors, 3);
+        assert_message(errors, "'p'", "APIKeyFile=", key, "not a regular file");
+        assert_message(errors, "ClientTokensFile=", tokens, "not a regular file");
+        assert_message(errors, "'q'", "credential 'q-key'", "not a regular file");
+}
+END_TEST
+
+START_TEST(test_fifo_config_files_refused) {
+        g_autofree char *main_fifo = make_fifo("main.conf");
+        g_autofree char *dropin_fifo = make_fifo("other.conf.d/50-fifo.conf");
+        g_autofree char *other = write_conf("other.conf", "[Router]\nPort=3002\n");
+        ConfigSources src_main = { .path = main_fifo, .path_required = true };
+        ConfigSources src_dropin = { .path = other };
+        g_autoptr(GPtrArray) errors_main = NULL, errors_dropin = NULL;
+
+        errors_main = load_fail(&src_main);
+        assert_n_messages(errors_main, 1);
+        assert_message(errors_main, main_fifo, "not a regular file");
+
+        errors_dropin = load_fail(&src_dropin);
+        assert_n_messages(errors_dropin, 1);
+        assert_message(errors_dropin, "50-fifo.conf", "not a regular file");
+}
+END_TEST
+
+START_TEST(test_dropin_directory_named_conf_refused) {
+        g_autofree char *path = write_conf("router.conf", "[Router]\nPort=3002\n");
+        g_autofree char *d = g_build_filename(dir, "router.conf.d", "50-dir.conf", NULL);
+        ConfigSources src = { .path = path };
+        g_autoptr(GPtrArray) errors = NULL;
+
+        ck_assert_int_eq(g_mkdir_with_parents(d, 0755), 0);
+        errors = load_fail(&src);
+        assert_n_messages(errors, 1);
+        assert_message(errors, "50-dir.conf", "directory");
+}
+END_TEST
+
+/* ---- keys with control characters would inject headers ---------------------------------- */
+
+START_TEST(test_key_with_line_break_refused) {
+        static const char *const bad_keys[] = {
+                "sk-abc\r\nX-Injected: 1\n",
+                "sk-abc\nX-Injected: 1",
+                "sk-\x1b[31mabc",
+                "sk-abc\tdef",
+                "sk-abc\x7f",
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(bad_keys); i++) {
+                g_autofree char *key = test_write_file(dir, "secret-key", 0600, bad_keys[i]);
+                g_autofree char *conf = g_strdup_printf(ONE_PROVIDER "APIKeyFile=%s\n", key);
+                g_autofree char *path = write_conf("router.conf", conf);
+                ConfigSources src = { .path = path };
+                g_autoptr(GPtrArray) errors = load_fail(&src);
+
+                assert_n_messages(errors, 1);
+                assert_message(errors, "'p'", key, "control character", "inject a header");
+                ck_assert(!test_messages_match(errors, "sk-abc", NULL));
+        }
+}
+END_TEST
+
+START_TEST(test_key_with_nul_refused) {
+        static const char key_text[] = "sk-abc\0def\n";
+        g_autofree char *key = g_build_filename(dir, "secret-key", NULL);
+        g_autofree char *conf = g_strdup_printf(ONE_PROVIDER "APIKeyFile=%s\n", key);
+        g_autofree char *path = write_conf("router.conf", conf);
+        ConfigSources src = { .path = path };
+        g_autoptr(GPtrArray) errors = NULL;
+
+        ck_assert(g_file_set_contents(key, key_text, sizeof(key_text) - 1, NULL));
+        ck_assert_int_eq(chmod(key, 0600), 0);
+        errors = load_fail(&src);
+        assert_n_messages(errors, 1);
+        assert_message(errors, "'p'", "APIKeyFile=", "NUL byte");
+}
+END_TEST
+
+START_TEST(test_key_credential_and_env_with_line_break_refused) {
+        g_autofree char *creds = g_build_filename(dir, "credentials", NULL);
+        g_autofree char *cred = test_write_file(creds, "p-key", 0600, "sk-cred\r\nX-Injected: 1\n");
+        g_autofree char *path = write_conf("router.conf",
+                "[Router]\nDefaultProvider=echo\n[Provider echo]\nKind=echo\n"
+                "[Provider p]\nBaseURL=http://127.0.0.1:9/v1\nAPIKeyCredential=p-key\n"
+                "[Provider q]\nBaseURL=http://127.0.0.1:9/v1\nAPIKeyEnv=Q_KEY\n");
+        g_auto(GStrv) env = test_environ("Q_KEY=sk-env\nX-Injected: 1", "QWEN_API_KEY=sk-qwen\r", NULL);
+        ConfigSources src = { .path = path, .environ = env, .credentials_dir = creds };
+        g_autoptr(GPtrArray) errors = load_fail(&src);
+
+        assert_n_messages(errors, 3);
+        assert_message(errors, "'p'", "credential 'p-key'", "control character");
+        assert_message(errors, "'q'", "environment variable Q_KEY", "control character");
+        assert_message(errors, "'qwen-direct'", "QWEN_API_KEY", "control character");
+        ck_assert(!test_messages_match(errors, "sk-", NULL));
+}
+END_TEST
+
+static char *tokens_conf(const char *tokens_text, char **ret_tokens_path) {
+        g_autofree char *tokens = test_write_file(dir, "client-tokens", 0600, tokens_text);
+        g_autofree char *conf = g_strdup_printf("[Router]\nClientTokensFile=%s\n", tokens);
+
+        *ret_tokens_path = TAKE_PTR(tokens);
+        return write_conf("router.conf", conf);
+}
+
+START_TEST(test_client_tokens) {
+        g_autofree char *tokens = NULL;
+        g_autofree char *path = tokens_conf("# comment\n\n  token-one  \r\ntoken-two\n", &tokens);
+        ConfigSources src = { .path = path };
+        g_autoptr(Config) c = load_ok(&src, NULL);
+        g_autofree char *one = config_token_digest("token-one", 9);
+        g_autofree char *two = config_token_digest("token-two", 9);
+
+        ck_assert_ptr_nonnull(c->client_token_digests);
+        ck_assert_uint_eq(c->client_token_digests->len, 2);
+        ck_assert_str_eq(c->client_token_digests->pdata[0], one);
+        ck_assert_str_eq(c->client_token_digests->pdata[1], two);
+}
+END_TEST
+
+START_TEST(test_client_tokens_problems) {
+        static const struct {
+                const char *text;
+                mode_t mode;
+                const char *words[3];
+                unsigned n_errors;
+        } cases[] = {
+                { "good\nbad\x1btoken\n", 0600, { "line 2", "control character" }, 1 },
+                { "good\nsecond\0third\n", 0600, { "NUL byte" }, 1 },
+                { "# only a comment\n", 0600, { "contain no token" }, 1 },
+                { "\n", 0600, { "empty" }, 1 },
+                { "token\n", 0644, { "readable by everyone" }, 1 },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(cases); i++) {
+                g_autofree char *tokens = g_build_filename(dir, "client-tokens", NULL);
+                g_autofree char *conf = g_strdup_printf("[Router]\nClientTokensFile=%s\n", tokens);
+                g_autofree char *path = write_conf("router.conf", conf);
+                ConfigSources src = { .path = path };
+                g_autoptr(GPtrArray) errors = NULL;
+                size_t n = strlen(cases[i].text);
+
+                if (strstr(cases[i].words[0], "NUL"))
+                        n = sizeof("good\nsecond\0third\n") - 1;
+                ck_assert(g_file_set_contents(tokens, cases[i].text, (gssize) n, NULL));
+                ck_assert_int_eq(chmod(tokens, cases[i].mode), 0);
+                errors = load_fail(&src);
+                assert_n_messages(errors, cases[i].n_errors);
+                assert_message(errors, "client-tokens", cases[i].words[0], cases[i].words[1]);
+        }
+}
+END_TEST
+
+/* ---- scale ---------------------------------------------------------------------------- */
+
+/* Every provider names a fallback, so each is looked up by name twice or more while loading:
+ * with a linear lookup, 50,000 of them took about 30 s; with the table, well under one. */
+START_TEST(test_many_providers_load_fast) {
+        const unsigned n = 50000;
+        g_autoptr(GString) text = g_string_new("[Router]\nDefaultProvider=p0\n");
+        g_autofree char *path = NULL;
+        ConfigSources src = {};
+        g_autoptr(Config) c = NULL;
+        usec_t start;
+
+        for (unsigned i = 0; i < n; i++)
+                g_string_append_printf(text, "[Provider p%u]\nBaseURL=http://127.0.0.1:9/v1\nFallbacks=p%u\n"
+                                       "[ModelMappings]\nm%u=p%u\n", i, (i + 1) % n, i, i);
+        path = write_conf("many.conf", text->str);
+        src.path = path;
+
+        start = now_usec(CLOCK_MONOTONIC);
+        c = load_ok(&src, NULL);
+        ck_assert_uint_eq(c->providers->len, n);
+        ck_assert_ptr_eq(config_find_provider(c, "p49999"), c->providers->pdata[n - 1]);
+        ck_assert_msg(now_usec(CLOCK_MONOTONIC) - start < 10 * USEC_PER_SEC, "loading %u providers took %.1f s", n,
+                      (double) (now_usec(CLOCK_MONOTONIC) - start) / USEC_PER_SEC);
+}
+END_TEST
+
+/* ---- every default the man page documents is the code's ------------------------------- */
+
+typedef enum FieldType {
+        FIELD_STRING,
+        FIELD_BOOL,
+        FIELD_USEC,
+        FIELD_U64,
+        FIELD_UNSIGNED,
+        FIELD_PORT,
+        FIELD_INT,
+        FIELD_KIND,
+        FIELD_NONE,       /* a default in words: checked by a function of its own */
+} FieldType;
+
+typedef struct DocumentedDefault {
+        const char *group;          /* "Router" or "Provider" */
+        const char *key;
+        FieldType type;
+        size_t offset;              /* in Config for [Router], in ProviderConfig for [Provider] */
+        const char *words;          /* FIELD_NONE: the documented words, e.g. "none" */
+        void (*check)(const Config *c, const ProviderConfig *p);
+} DocumentedDefault;
+
+static void check_first_byte_default(const Config *c, const ProviderConfig *p) {
+        /* "Default: the value of RequestTimeoutSec=" */
+        ck_assert_uint_eq(c->first_byte_timeout_usec, USEC_INFINITY);
+        ck_assert_uint_eq(p->first_byte_timeout_usec, p->request_timeout_usec);
+}
+
+static void check_no_client_tokens(const Config *c, const ProviderConfig *p) {
+        /* "Default: unset, every client is served." */
+        ck_assert_ptr_null(c->client_tokens_credential);
+        ck_assert_ptr_null(c->client_tokens_file);
+        ck_assert_ptr_null(c->client_token_digests);
+}
+
+static void check_no_fallbacks(const Config *c, const ProviderConfig *p) {
+        ck_assert_ptr_null(p->fallbacks);
+}
+
+#define ROUTER(k, f, t) { "Router", k, t, offsetof(Config, f), NULL, NULL }
+#define PROVIDER(k, f, t) { "Provider", k, t, offsetof(ProviderConfig, f), NULL, NULL }
+
+/* Every key whose default provider-router.conf(5) states. A default added to the page must be
+ * added here, so that the page and the code cannot drift apart again (MaxRetries= once said 2
+ * while the code used 0). */
+static const DocumentedDefault documented_defaults[] = {
+        ROUTER("Host", host, FIELD_STRING),
+        ROUTER("Port", port, FIELD_PORT),
+        ROUTER("DefaultProvider", default_provider, FIELD_STRING),
+        ROUTER("AllowProviderOverride", allow_provider_override, FIELD_BOOL),
+        ROUTER("RequestTimeoutSec", request_timeout_usec, FIELD_USEC),
+        ROUTER("ConnectTimeoutSec", connect_timeout_usec, FIELD_USEC),
+        { "Router", "FirstByteTimeoutSec", FIELD_NONE, 0, "the value of *RequestTimeoutSec=*", check_first_byte_default },
+        ROUTER("StreamIdleTimeoutSec", stream_idle_timeout_usec, FIELD_USEC),
+        ROUTER("ClientTimeoutSec", client_timeout_usec, FIELD_USEC),
+        ROUTER("ShutdownTimeoutSec", shutdown_timeout_usec, FIELD_USEC),
+        ROUTER("LogLevel", log_level, FIELD_INT),
+        ROUTER("LogRequests", log_requests, FIELD_BOOL),
+        ROUTER("LogResponses", log_responses, FIELD_BOOL),
+        ROUTER("MaxBodySize", max_body_size, FIELD_U64),
+        ROUTER("MaxResponseSize", max_response_size, FIELD_U64),
+        ROUTER("MaxHeaderSize", max_header_size, FIELD_U64),
+        ROUTER("StreamBufferSize", stream_buffer_size, FIELD_U64),
+        ROUTER("MaxConnections", max_connections, FIELD_UNSIGNED),
+        ROUTER("CORSAllowOrigin", cors_allow_origin, FIELD_STRING),
+        { "Router", "ClientTokensCredential", FIELD_NONE, 0, "unset, every client is served", check_no_client_tokens },
+        { "Router", "ClientTokensFile", FIELD_NONE, 0, "unset, every client is served", check_no_client_tokens },
+        ROUTER("FailureThreshold", failure_threshold, FIELD_UNSIGNED),
+        ROUTER("CooldownSec", cooldown_usec, FIELD_USEC),
+        ROUTER("MaxCooldownSec", max_cooldown_usec, FIELD_USEC),
+        ROUTER("RetryBackoffSec", retry_backoff_usec, FIELD_USEC),
+        ROUTER("MaxRetryWaitSec", max_retry_wait_usec, FIELD_USEC),
+        PROVIDER("Kind", kind, FIELD_KIND),
+        PROVIDER("MaxConcurrent", max_concurrent, FIELD_UNSIGNED),
+        { "Provider", "Fallbacks", FIELD_NONE, 0, "none", check_no_fallbacks },
+        PROVIDER("MaxRetries", max_retries, FIELD_UNSIGNED),
+};
+
+static char *field_to_string(FieldType type, const void *base, size_t offset) {
+        const char *f = (const char *) base + offset;
+
+        switch (type) {
+        case FIELD_STRING:
+                return g_strdup_printf("'%s'", strna(*(char *const *) f));
+        case FIELD_BOOL:
+                return g_strdup(yes_no(*(const bool *) f));
+        case FIELD_USEC:
+                return g_strdup_printf("%" PRIu64 " µs", (uint64_t) *(const usec_t *) f);
+        case FIELD_U64:
+                return g_strdup_printf("%" PRIu64, *(const uint64_t *) f);
+        case FIELD_UNSIGNED:
+                return g_strdup_printf("%u", *(const unsigned *) f);
+        case FIELD_PORT:
+                return g_strdup_printf("%u", (unsigned) *(const uint16_t *) f);
+        case FIELD_INT:
+                return g_strdup_printf("%i", *(const int *) f);
+        case FIELD_KIND:
+                return g_strdup(strna(provider_kind_to_string(*(const ProviderKind *) f)));
+        case FIELD_NONE:
+                break;
+        }
+        g_assert_not_reached();
+}
+
+/* One documented default as the page states it: a literal ("*8M*", unescaped) or words. */
+typedef struct PageDefault {
+        char *group;
+        char *key;
+        char *literal;   /* NULL for a default in words */
+        char *words;
+} PageDefault;
+
+static void page_default_free(gpointer p) {
+        PageDefault *d = p;
+        g_free(d->group);
+        g_free(d->key);
+        g_free(d->literal);
+        g_free(d->words);
+        g_free(d);
+}
+
+/* scdoc: *bold* with \* and \_ for literal characters. Returns the text between the first pair
+ * of unescaped '*' at the start of s, unescaped; NULL if s does not start with one. */
+static char *scd_bold_at(const char *s, const char **ret_end) {
+        g_autoptr(GString) out = g_string_new(NULL);
+
+        if (s[0] != '*')
+                return NULL;
+        for (const char *c = s + 1; *c; c++) {
+                if (c[0] == '\\' && c[1]) {
+                        g_string_append_c(out, *++c);
+                        continue;
+                }
+                if (c[0] == '*') {
+                        if (ret_end)
+                                *ret_end = c + 1;
+                        return g_string_free(g_steal_pointer(&out), FALSE);
+                }
+                g_string_append_c(out, *c);
+        }
+        return NULL;
+}
+
+static void page_add_defaults(GPtrArray *out, const char *group, char **keys, const char *text) {
+        const char *d = strstr(text, "Default: ");
+        g_autofree char *literal = NULL, *words = NULL;
+        const char *t;
+
+        if (d) {
+                d += STRLEN("Default: ");
+                /* A value in bold, or words, up to the end of the sentence. */
+                literal = scd_bold_at(d, NULL);
+                t = strstr(d, ". ");
+                words = t ? g_strndup(d, (gsize) (t - d)) : g_strdup(d);
+                if (g_str_has_suffix(words, "."))
+                        words[strlen(words) - 1] = 0;
+        } else if ((t = strstr(text, " (the default)"))) {
+                /* "*openai* (the default) for …": the bold word just before it. */
+                const char *start = t;
+                while (start > text && start[-1] != ' ')
+                        start--;
+                literal = scd_bold_at(start, NULL);
+                words = g_strndup(start, (gsize) (t - start));
+        } else
+                return;
+
+        for (char **k = keys; *k; k++) {
+                PageDefault *pd = g_new0(PageDefault, 1);
+                pd->group = g_strdup(group);
+                pd->key = g_strdup(*k);
+                pd->literal = g_strdup(literal);
+                pd->words = g_strdup(words);
+                g_ptr_array_add(out, pd);
+        }
+}
+
+/* The documented defaults of the [Router] and [Provider NAME] sections: every key heading
+ * ("*Key=*" or "*A=*, *B=*" on a line of its own) and its tab-indented description. */
+static GPtrArray *page_defaults(const char *page_path) {
+        GPtrArray *out = g_ptr_array_new_with_free_func(page_default_free);
+        g_autofree char *page = NULL;
+        g_auto(GStrv) lines = NULL;
+        g_auto(GStrv) keys = NULL;
+        g_autoptr(GString) text = g_string_new(NULL);
+        const char *group = NULL;
+
+        ck_assert_msg(g_file_get_contents(page_path, &page, NULL, NULL), "cannot read %s", page_path);
+        lines = g_strsplit(page, "\n", -1);
+        for (char **l = lines; ; l++) {
+                bool heading = *l && (*l)[0] == '*' && strstr(*l, "=*");
+
+                if (keys && (!*l || (*l)[0] != '\t')) {
+                        /* The end of one key's paragraph. */
+                        if (group)
+                                page_add_defaults(out, group, keys, text->str);
+                        g_clear_pointer(&keys, g_strfreev);
+                        g_string_truncate(text, 0);
+                }
+                if (!*l)
+                        break;
+                if (g_str_has_prefix(*l, "# ")) {
+                        group = g_str_has_prefix(*l, "# [Router]") ? "Router" :
+                                g_str_has_prefix(*l, "# [Provider") ? "Provider" : NULL;
+                        continue;
+                }
+                if (heading) {
+                        GPtrArray *b = g_ptr_array_new();
+                        for (const char *c = *l; (c = strchr(c, '*')); ) {
+                                const char *end = NULL;
+                                char *bold = scd_bold_at(c, &end);
+                                if (!bold)
+                                        break;
+                                if (g_str_has_suffix(bold, "=")) {
+                                        bold[strlen(bold) - 1] = 0;
+                                        g_ptr_array_add(b, bold);
+                                } else
+                                        g_free(bold);
+                                c = end;
+                        }
+                        g_ptr_array_add(b, NULL);
+                        keys = (char **) g_ptr_array_free(b, FALSE);
+                        continue;
+                }
+                if (keys) {
+                        if (text->len > 0)
+                                g_string_append_c(text, ' ');
+                        g_string_append(text, *l + 1);
+                }
+        }
+        return out;
+}
+
+static const DocumentedDefault *find_documented_default(const char *group, const char *key) {
+        for (size_t i = 0; i < ELEMENTSOF(documented_defaults); i++)
+                if (streq(documented_defaults[i].group, group) && streq(documented_defaults[i].key, key))
+                        return &documented_defaults[i];
+        return NULL;
+}
+
+#define PROVIDER_BASE "[Router]\nDefaultProvider=p\n[Provider p]\nBaseURL=http://127.0.0.1:9/v1\n"
+
+/* The configuration of a file with nothing set but, optionally, "Key=value" in the group. */
+static Config *load_with(const char *group, const char *key, const char *value) {
+        g_autofree char *text = NULL;
+        g_autofree char *path = NULL;
+        g_autofree char *dropins = g_build_filename(dir, "none.d", NULL);
+        g_auto(GStrv) env = test_environ(NULL);
+        ConfigSources src = { .dropin_dir = dropins, .environ = env };
+
+        if (streq(group, "Router"))
+                text = key ? g_strdup_printf("[Router]\n%s=%s\n", key, value) : g_strdup("");
+        else
+                text = key ? g_strdup_printf(PROVIDER_BASE "%s=%s\n", key, value) : g_strdup(PROVIDER_BASE);
+        path = write_conf("defaults.conf", text);
+        src.path = path;
+        return load_ok(&src, NULL);
+}
+
+START_TEST(test_man_page_defaults) {
+        g_autofree char *page_path = g_build_filename(SOURCE_ROOT, "man", "provider-router.conf.5.scd", NULL);
+        g_autoptr(GPtrArray) page = page_defaults(page_path);
+        g_autoptr(GString) problems = g_string_new(NULL);
+
+        /* Every default on the page is held against the code. */
+        for (guint i = 0; i < page->len; i++) {
+                const PageDefault *pd = page->pdata[i];
+                const DocumentedDefault *dd = find_documented_default(pd->group, pd->key);
+                g_autoptr(Config) code = NULL, documented = NULL;
+                const void *code_base, *doc_base;
+                g_autofree char *code_value = NULL, *doc_value = NULL;
+
+                if (!dd) {
+                        g_string_append_printf(problems, "\n  [%s] %s=: the page says 'Default: %s', which this test "
+                                               "does not check: add the key to documented_defaults[]",
+                                               pd->group, pd->key, pd->words);
+                        continue;
+                }
+                code = load_with(pd->group, NULL, NULL);
+                if (dd->type == FIELD_NONE) {
+                        if (pd->literal || !streq(pd->words, dd->words))
+                                g_string_append_printf(problems, "\n  [%s] %s=: the page says 'Default: %s', the test "
+                                                       "expects '%s'", pd->group, pd->key, pd->words, dd->words);
+                        dd->check(code, config_find_provider(code, streq(pd->group, "Router") ? "lm-studio" : "p"));
+                        continue;
+                }
+                if (!pd->literal) {
+                        g_string_append_printf(problems, "\n  [%s] %s=: the page says 'Default: %s', not a value",
+                                               pd->group, pd->key, pd->words);
+                        continue;
+                }
+
+                /* The documented value, read by the parser itself, must give what no value gives. */
+                documented = load_with(pd->group, pd->key, pd->literal);
+                if (streq(pd->group, "Router")) {
+                        code_base = code;
+                        doc_base = documented;
+                } else {
+                        code_base = config_find_provider(code, "p");
+                        doc_base = config_find_provider(documented, "p");
+                }
+                code_value = field_to_string(dd->type, code_base, dd->offset);
+                doc_value = field_to_string(dd->type, doc_base, dd->offset);
+                if (!streq(code_value, doc_value))
+                        g_string_append_printf(problems, "\n  [%s] %s=: the page says %s (%s), the code uses %s",
+                                               pd->group, pd->key, pd->literal, doc_value, code_value);
+        }
+
+        /* And every key of the table still has its default on the page. */
+        for (size_t i = 0; i < ELEMENTSOF(documented_defaults); i++) {
+                bool found = false;
+                for (guint j = 0; j < page->len && !found; j++) {
+                        const PageDefault *pd = page->pdata[j];
+                        found = streq(pd->group, documented_defaults[i].group) &&
+                                streq(pd->key, documented_defaults[i].key);
+                }
+                if (!found)
+                        g_string_append_printf(problems, "\n  [%s] %s=: no documented default on the page",
+                                               documented_defaults[i].group, documented_defaults[i].key);
+        }
+
+        ck_assert_msg(page->len >= ELEMENTSOF(documented_defaults), "only %u defaults found in %s", page->len, page_path);
+        ck_assert_msg(problems->len == 0, "%s and the code disagree:%s", page_path, problems->str);
+}
+END_TEST
+
 static Suite *config_suite(void) {
         Suite *s = suite_create("config");
         TCase *tc;
@@ -1125,6 +1729,31 @@ static Suite *config_suite(void) {
         tcase_add_test(tc, test_qwen_api_key_env_satisfies_default);
         tcase_add_test(tc, test_api_key_env);
         tcase_add_test(tc, test_api_key_env_missing_for_default);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("unreadable");
+        tcase_add_checked_fixture(tc, setup, teardown);
+        tcase_add_test(tc, test_value_not_utf8);
+        tcase_add_test(tc, test_value_unreadable);
+        tcase_add_test(tc, test_list_escaped_separator);
+        tcase_add_test(tc, test_fifo_refused_without_blocking);
+        tcase_add_test(tc, test_fifo_config_files_refused);
+        tcase_add_test(tc, test_dropin_directory_named_conf_refused);
+        tcase_add_test(tc, test_key_with_line_break_refused);
+        tcase_add_test(tc, test_key_with_nul_refused);
+        tcase_add_test(tc, test_key_credential_and_env_with_line_break_refused);
+        tcase_add_test(tc, test_client_tokens);
+        tcase_add_test(tc, test_client_tokens_problems);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("documentation");
+        tcase_add_checked_fixture(tc, setup, teardown);
+        tcase_add_test(tc, test_man_page_defaults);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("scale");
+        tcase_add_checked_fixture(tc, setup, teardown);
+        tcase_add_test(tc, test_many_providers_load_fast);
         suite_add_tcase(s, tc);
 
         tc = tcase_create("parsers");
