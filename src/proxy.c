@@ -89,9 +89,20 @@ static void add_upstream_headers(Proxy *px, bool stream) {
         }
 }
 
-/* Does this event say the answer is complete? A provider that stops without saying so cut it. */
+/* Does this event say the answer is complete — [DONE] aside, which the scanner notes? A provider
+ * that stops without saying so cut it. An error event is the provider's own last word. */
 static bool event_completes(const char *event, size_t size) {
-        const char *f;
+        const char *f, *data;
+        size_t n;
+
+        data = sse_event_data(event, size, &n);
+        if (data && n > 0 && data[0] == '{') {
+                const char *p = data + 1, *end = data + n;
+                while (p < end && (*p == ' ' || *p == '\t'))
+                        p++;
+                if ((size_t) (end - p) >= STRLEN("\"error\"") && memcmp(p, "\"error\"", STRLEN("\"error\"")) == 0)
+                        return true;
+        }
 
         if (memmem(event, size, "response.completed", STRLEN("response.completed")) ||
             memmem(event, size, "response.incomplete", STRLEN("response.incomplete")) ||
