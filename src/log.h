@@ -109,6 +109,11 @@ size_t log_request_message(const RequestLogEntry *e, char *buf, size_t size);
 size_t log_request_fields(const RequestLogEntry *e, int level, const char *message,
                           char *buf, size_t size, struct iovec iov[static LOG_JOURNAL_FIELDS_MAX]);
 
+/* One entry of the router's own events (a comparison, say): MESSAGE_ID, MESSAGE and the given
+ * "NAME=value" fields (each capped at LOG_FIELD_MAX; a name may repeat) to the journal, or the
+ * message alone, escaped, on stderr. */
+void log_structured(int level, const char *message_id, const char *message, const char *const *fields, size_t n);
+
 /* For tests: where journal entries go (NULL: sd_journal_sendv()), and the target. */
 typedef int (*LogJournalSendv)(const struct iovec *iov, int n);
 void log_set_journal_sendv(LogJournalSendv f);
