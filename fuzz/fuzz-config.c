@@ -78,13 +78,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         }
 
         g_autoptr(ProviderSet) set = provider_set_new(c, NULL, NULL);
-        g_autoptr(Router) router = router_new(c, set);
+        g_autoptr(Router) router = router_new(c, set, NULL);
         RoutePick pick = {};
         for (guint i = 0; i < c->mapping_order->len; i++) {
-                r = router_pick(router, NULL, c->mapping_order->pdata[i], NULL, 0, &pick);
+                r = router_pick(router, NULL, c->mapping_order->pdata[i], NULL, NULL, 0, &pick);
                 assert(r >= 0 && pick.provider);
         }
-        r = router_pick(router, NULL, NULL, NULL, 0, &pick);
+        r = router_pick(router, NULL, NULL, NULL, NULL, 0, &pick);
         assert(r >= 0 && pick.provider);
         return 0;
 }

@@ -47,6 +47,8 @@ static ProviderConfig *provider_config_free(ProviderConfig *p) {
         erase_and_free(p->api_key);
         g_free(p->api_key_source);
         g_strfreev(p->fallbacks);
+        if (p->aliases)
+                g_hash_table_unref(p->aliases);
         g_free(p);
         return NULL;
 }
@@ -68,6 +70,49 @@ ProviderConfig *provider_config_unref(ProviderConfig *p) {
         if (--p->n_ref == 0)
                 provider_config_free(p);
         return NULL;
+}
+
+static void route_config_free(gpointer v) {
+        RouteConfig *rc = v;
+
+        if (!rc)
+                return;
+        g_free(rc->model);
+        g_strfreev(rc->providers);
+        g_free(rc->weights);
+        g_free(rc->sticky_header);
+        g_strfreev(rc->mirrors);
+        g_free(rc);
+}
+
+const RouteConfig *config_find_route(const Config *c, const char *model) {
+        for (guint i = 0; model && c->routes && i < c->routes->len; i++) {
+                const RouteConfig *rc = c->routes->pdata[i];
+                if (streq(rc->model, model))
+                        return rc;
+        }
+        return NULL;
+}
+
+StickyKind sticky_kind_from_string(const char *s, char **ret_header) {
+        if (isempty(s))
+                return _STICKY_KIND_INVALID;
+        if (streq(s, "user"))
+                return STICKY_USER;
+        if (streq(s, "token"))
+                return STICKY_TOKEN;
+        if (g_str_has_prefix(s, "header:")) {
+                const char *h = s + STRLEN("header:");
+                if (isempty(h) || strlen(h) > 128)
+                        return _STICKY_KIND_INVALID;
+                for (const char *q = h; *q; q++)
+                        if (!g_ascii_isalnum(*q) && *q != '-' && *q != '_')
+                                return _STICKY_KIND_INVALID;
+                if (ret_header)
+                        *ret_header = g_strdup(h);
+                return STICKY_HEADER;
+        }
+        return _STICKY_KIND_INVALID;
 }
 
 static ProviderConfig *provider_config_new(const char *name) {
@@ -102,6 +147,8 @@ Config *config_free(Config *c) {
                 g_hash_table_unref(c->mappings);
         if (c->mapping_order)
                 g_ptr_array_unref(c->mapping_order);
+        if (c->routes)
+                g_ptr_array_unref(c->routes);
         g_strfreev(c->sources);
         g_free(c);
         return NULL;
@@ -152,6 +199,9 @@ static Config *config_new_empty(void) {
         c->providers_by_name = g_hash_table_new(g_str_hash, g_str_equal);
         c->mappings = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
         c->mapping_order = g_ptr_array_new_with_free_func(g_free);
+        c->routes = g_ptr_array_new_with_free_func(route_config_free);
+        c->mirror_max_concurrent = 8;
+        c->comparisons_kept = 256;
         return c;
 }
 
@@ -338,6 +388,7 @@ typedef struct Parser {
         GPtrArray *warnings;
         const char *source;      /* file name or "environment" */
         bool saw_provider_group;
+        GHashTable *aliases;     /* [ModelAliases NAME]: provider name → (client model → provider model) */
 } Parser;
 
 /* Messages go to the terminal, the journal and D-Bus replies, which need valid UTF-8: a group or
@@ -572,7 +623,15 @@ static void parse_router_group(Parser *p, GKeyFile *kf) {
                         set_seconds(p, group, key, &c->cooldown_usec, v);
                 else if (streq(key, "MaxCooldownSec"))
                         set_seconds(p, group, key, &c->max_cooldown_usec, v);
-                else if (streq(key, "RetryBackoffSec"))
+                else if (streq(key, "MirrorMaxConcurrent")) {
+                        if (parse_unsigned(v, 0, 100000, &c->mirror_max_concurrent) < 0)
+                                parser_error(p, "%s: [Router] MirrorMaxConcurrent='%s' must be between 0 and 100000",
+                                             p->source, v);
+                } else if (streq(key, "ComparisonsKept")) {
+                        if (parse_unsigned(v, 0, 100000, &c->comparisons_kept) < 0)
+                                parser_error(p, "%s: [Router] ComparisonsKept='%s' must be between 0 and 100000",
+                                             p->source, v);
+                } else if (streq(key, "RetryBackoffSec"))
                         set_seconds(p, group, key, &c->retry_backoff_usec, v);
                 else if (streq(key, "MaxRetryWaitSec"))
                         set_seconds(p, group, key, &c->max_retry_wait_usec, v);
@@ -707,6 +766,155 @@ static void parse_mappings_group(Parser *p, GKeyFile *kf) {
         }
 }
 
+/* [Route MODEL]: a model's arms with weights, how a conversation sticks to one, and mirrors. A
+ * later file's group replaces the keys it sets. */
+static RouteConfig *parser_get_route(Parser *p, const char *model) {
+        RouteConfig *rc = (RouteConfig *) config_find_route(p->config, model);
+
+        if (rc)
+                return rc;
+        rc = g_new0(RouteConfig, 1);
+        rc->model = g_strdup(model);
+        rc->mirror_percent = 100;
+        g_ptr_array_add(p->config->routes, rc);
+        return rc;
+}
+
+/* "a:80 b:20" (commas work too; no weight is 1). A provider named twice is refused. */
+static int parse_arms(const char *v, char ***ret_names, uint32_t **ret_weights) {
+        g_auto(GStrv) words = g_strsplit_set(v, " \t,", -1);
+        g_autoptr(GPtrArray) names = g_ptr_array_new_with_free_func(g_free);
+        g_autoptr(GArray) weights = g_array_new(FALSE, FALSE, sizeof(uint32_t));
+
+        for (char **w = words; *w; w++) {
+                const char *colon;
+                g_autofree char *name = NULL;
+                unsigned weight = 1;
+
+                if (isempty(*w))
+                        continue;
+                colon = strrchr(*w, ':');
+                name = colon ? g_strndup(*w, (gsize) (colon - *w)) : g_strdup(*w);
+                if (colon && parse_unsigned(colon + 1, 1, 1000000, &weight) < 0)
+                        return -EINVAL;
+                if (!provider_name_is_valid(name))
+                        return -EINVAL;
+                for (guint i = 0; i < names->len; i++)
+                        if (streq(names->pdata[i], name))
+                                return -EEXIST;
+                g_ptr_array_add(names, TAKE_PTR(name));
+                g_array_append_val(weights, weight);
+        }
+        if (names->len == 0)
+                return -ENODATA;
+        g_ptr_array_add(names, NULL);
+        *ret_names = (char **) g_ptr_array_free(g_steal_pointer(&names), FALSE);
+        *ret_weights = (uint32_t *) (void *) g_array_free(g_steal_pointer(&weights), FALSE);
+        return 0;
+}
+
+static void parse_route_group(Parser *p, GKeyFile *kf, const char *group, const char *model) {
+        g_auto(GStrv) keys = g_key_file_get_keys(kf, group, NULL, NULL);
+        RouteConfig *rc;
+
+        if (!streq(model, ROUTE_DEFAULT_MODEL) && !model_name_is_valid(model)) {
+                parser_error(p, "%s: [%s]: '%s' is not a valid model name (or '*' for the default route)",
+                             p->source, group, model);
+                return;
+        }
+        rc = parser_get_route(p, model);
+
+        for (char **k = keys; k && *k; k++) {
+                g_autofree char *v = parser_get_value(p, kf, group, *k);
+                const char *key = *k;
+
+                if (!v)
+                        continue;
+                if (streq(key, "Providers")) {
+                        g_auto(GStrv) names = NULL;
+                        g_autofree uint32_t *weights = NULL;
+                        int r = parse_arms(v, &names, &weights);
+                        if (r == -EEXIST)
+                                parser_error(p, "%s: [%s] Providers='%s' names a provider twice", p->source, group, v);
+                        else if (r < 0)
+                                parser_error(p, "%s: [%s] Providers='%s' is not a list of NAME[:WEIGHT] (weights 1-1000000)",
+                                             p->source, group, v);
+                        else {
+                                g_strfreev(rc->providers);
+                                g_free(rc->weights);
+                                rc->providers = TAKE_PTR(names);
+                                rc->weights = TAKE_PTR(weights);
+                        }
+                } else if (streq(key, "StickyKey")) {
+                        g_autofree char *header = NULL;
+                        StickyKind kind;
+                        if (isempty(v))
+                                kind = STICKY_NONE;
+                        else if ((kind = sticky_kind_from_string(v, &header)) < 0) {
+                                parser_error(p, "%s: [%s] StickyKey='%s' is not 'user', 'header:NAME' or 'token'",
+                                             p->source, group, v);
+                                continue;
+                        }
+                        rc->sticky = kind;
+                        g_free(rc->sticky_header);
+                        rc->sticky_header = TAKE_PTR(header);
+                } else if (streq(key, "Mirror")) {
+                        g_strfreev(rc->mirrors);
+                        rc->mirrors = isempty(v) ? NULL : g_strsplit_set(v, " \t,", -1);
+                        /* g_strsplit_set() leaves empty strings between separators: drop them. */
+                        if (rc->mirrors) {
+                                char **w = rc->mirrors, **o = rc->mirrors;
+                                for (; *w; w++)
+                                        if (isempty(*w))
+                                                g_free(*w);
+                                        else
+                                                *o++ = *w;
+                                *o = NULL;
+                        }
+                } else if (streq(key, "MirrorPercent")) {
+                        if (parse_unsigned(v, 0, 100, &rc->mirror_percent) < 0)
+                                parser_error(p, "%s: [%s] MirrorPercent='%s' must be between 0 and 100", p->source, group, v);
+                } else
+                        parser_warning(p, "%s: unknown key '%s' in [%s], ignoring", p->source, key, group);
+        }
+}
+
+/* [ModelAliases PROVIDER]: the name a client sends → the name this provider knows the model by. */
+static void parse_aliases_group(Parser *p, GKeyFile *kf, const char *group, const char *provider) {
+        g_auto(GStrv) keys = g_key_file_get_keys(kf, group, NULL, NULL);
+        GHashTable *aliases;
+
+        if (!provider_name_is_valid(provider)) {
+                parser_error(p, "%s: [%s]: provider name '%s' is invalid", p->source, group, provider);
+                return;
+        }
+        /* The provider may be defined later, or in a later file: matched up in validate(). */
+        if (!p->aliases)
+                p->aliases = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, (GDestroyNotify) g_hash_table_unref);
+        aliases = g_hash_table_lookup(p->aliases, provider);
+        if (!aliases) {
+                aliases = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
+                g_hash_table_insert(p->aliases, g_strdup(provider), aliases);
+        }
+        for (char **k = keys; k && *k; k++) {
+                g_autofree char *v = NULL;
+
+                if (!model_name_is_valid(*k)) {
+                        parser_error(p, "%s: [%s] '%s' is not a valid model name", p->source, group, *k);
+                        continue;
+                }
+                v = parser_get_value(p, kf, group, *k);
+                if (!v)
+                        continue;
+                if (isempty(v)) /* an empty value in a drop-in removes an earlier alias */
+                        g_hash_table_remove(aliases, *k);
+                else if (!model_name_is_valid(v))
+                        parser_error(p, "%s: [%s] %s='%s' is not a valid model name", p->source, group, *k, v);
+                else
+                        g_hash_table_replace(aliases, g_strdup(*k), g_strdup(v));
+        }
+}
+
 #define CONFIG_FILE_MAX (64U * 1024 * 1024)
 #define SECRET_FILE_MAX (64U * 1024)
 
@@ -814,6 +1022,10 @@ static int parse_file(Parser *p, const char *path, bool required) {
                         parse_provider_group(p, kf, *g, *g + STRLEN("Provider "));
                 else if (streq(*g, "ModelMappings"))
                         parse_mappings_group(p, kf);
+                else if (g_str_has_prefix(*g, "Route "))
+                        parse_route_group(p, kf, *g, *g + STRLEN("Route "));
+                else if (g_str_has_prefix(*g, "ModelAliases "))
+                        parse_aliases_group(p, kf, *g, *g + STRLEN("ModelAliases "));
                 else
                         parser_warning(p, "%s: unknown section [%s], ignoring", path, *g);
         }
@@ -1169,6 +1381,42 @@ static void validate(Parser *p, const ConfigSources *src) {
                         parser_error(p, "model mapping '%s' names provider '%s', which is not configured (known: %s)",
                                      model, provider, names);
         }
+
+        for (guint i = 0; i < c->routes->len; i++) {
+                const RouteConfig *rc = c->routes->pdata[i];
+                for (char **n = rc->providers; n && *n; n++)
+                        if (!config_find_provider(c, *n))
+                                parser_error(p, "[Route %s] Providers= names '%s', which is not a configured provider (known: %s)",
+                                             rc->model, *n, names);
+                for (char **n = rc->mirrors; n && *n; n++)
+                        if (!config_find_provider(c, *n))
+                                parser_error(p, "[Route %s] Mirror= names '%s', which is not a configured provider (known: %s)",
+                                             rc->model, *n, names);
+                if (!rc->providers && !streq(rc->model, ROUTE_DEFAULT_MODEL) && !g_hash_table_contains(c->mappings, rc->model))
+                        parser_error(p, "[Route %s] has no Providers= and the model has no mapping", rc->model);
+                if (rc->providers && g_hash_table_contains(c->mappings, rc->model))
+                        parser_warning(p, "[Route %s] Providers= replaces the model's [ModelMappings] entry", rc->model);
+        }
+
+        if (p->aliases) {
+                GHashTableIter it;
+                gpointer k, v;
+
+                g_hash_table_iter_init(&it, p->aliases);
+                while (g_hash_table_iter_next(&it, &k, &v)) {
+                        ProviderConfig *pc = config_find_provider(c, k);
+                        if (!pc) {
+                                parser_error(p, "[ModelAliases %s] names a provider that is not configured (known: %s)",
+                                             (char *) k, names);
+                                continue;
+                        }
+                        if (g_hash_table_size(v) == 0)
+                                continue;
+                        if (pc->aliases)
+                                g_hash_table_unref(pc->aliases);
+                        pc->aliases = g_hash_table_ref(v);
+                }
+        }
 }
 
 int config_load(const ConfigSources *src, Config **ret, GPtrArray **ret_errors, GPtrArray **ret_warnings) {
@@ -1179,6 +1427,7 @@ int config_load(const ConfigSources *src, Config **ret, GPtrArray **ret_errors, 
         g_autofree char *dropin_dir = NULL;
         g_autoptr(GPtrArray) dropins = NULL;
         Parser p = { .config = c, .errors = errors, .warnings = warnings };
+        g_autoptr(GHashTable) aliases = NULL;
 
         g_assert(src);
         g_assert(ret);
@@ -1204,6 +1453,7 @@ int config_load(const ConfigSources *src, Config **ret, GPtrArray **ret_errors, 
 
         parse_environment(&p, src->environ);
         validate(&p, src);
+        aliases = p.aliases;
 
         if (ret_warnings)
                 *ret_warnings = g_steal_pointer(&warnings);

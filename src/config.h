@@ -42,12 +42,36 @@ typedef struct ProviderConfig {
         usec_t idle_timeout_usec;
         unsigned max_concurrent;   /* 0 = unlimited */
         unsigned max_retries;
+        GHashTable *aliases;       /* [ModelAliases NAME]: client's model → this provider's; NULL if none */
 } ProviderConfig;
 
 ProviderConfig *provider_config_ref(ProviderConfig *p);
 ProviderConfig *provider_config_unref(ProviderConfig *p);
 void provider_config_destroy(gpointer p); /* for GLib containers */
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(ProviderConfig, provider_config_unref)
+
+/* How a split keeps one conversation on one arm. */
+typedef enum StickyKind {
+        STICKY_NONE,               /* each request drawn by weight */
+        STICKY_USER,               /* the body's "user" member */
+        STICKY_HEADER,             /* a request header */
+        STICKY_TOKEN,              /* the client's bearer token */
+        _STICKY_KIND_MAX,
+        _STICKY_KIND_INVALID = -EINVAL,
+} StickyKind;
+
+/* One [Route MODEL] group ("*" is the default route). */
+typedef struct RouteConfig {
+        char *model;
+        char **providers;          /* Providers=: the arms; NULL: the mapping's or default provider */
+        uint32_t *weights;         /* one per provider, >= 1 */
+        StickyKind sticky;
+        char *sticky_header;       /* STICKY_HEADER */
+        char **mirrors;            /* Mirror= */
+        unsigned mirror_percent;   /* of requests mirrored, 0-100 */
+} RouteConfig;
+
+#define ROUTE_DEFAULT_MODEL "*"
 
 typedef struct Config {
         char *host;
@@ -83,6 +107,9 @@ typedef struct Config {
         char *client_tokens_file;
 
         GPtrArray *providers;      /* ProviderConfig*, in the order they were first defined */
+        GPtrArray *routes;         /* RouteConfig*, in the order first defined */
+        unsigned mirror_max_concurrent; /* mirrored transfers at once; past it a mirror is skipped */
+        unsigned comparisons_kept; /* recent comparisons kept for GetComparisons */
         GHashTable *providers_by_name; /* name → ProviderConfig* (the references of providers) */
         GHashTable *mappings;      /* model → provider name */
         GPtrArray *mapping_order;  /* model names, insertion order, for stable output */
@@ -111,6 +138,9 @@ Config *config_new_default(void);
 
 /* O(1): a hash table by name. */
 ProviderConfig *config_find_provider(const Config *c, const char *name);
+const RouteConfig *config_find_route(const Config *c, const char *model);
+/* "user", "header:NAME", "token" → kind (and the header's name). */
+StickyKind sticky_kind_from_string(const char *s, char **ret_header);
 
 bool provider_name_is_valid(const char *name);
 bool model_name_is_valid(const char *model);

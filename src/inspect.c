@@ -6,6 +6,7 @@
 
 void chat_request_info_clear(ChatRequestInfo *info) {
         g_clear_pointer(&info->model, g_free);
+        g_clear_pointer(&info->user, g_free);
         info->stream = false;
         info->has_messages = false;
 }
@@ -39,6 +40,10 @@ static int chat_member(const JsonSpan *key, const JsonSpan *value, void *userdat
                         return -EINVAL;
                 }
                 c->info->stream = value->type == JSON_VALUE_TRUE;
+        } else if (json_span_equal(key, "user")) {
+                /* Only a plain string is a key; anything else is the provider's to judge. */
+                g_free(c->info->user);
+                c->info->user = value->type == JSON_VALUE_STRING && value->size <= 514 ? json_span_to_string(value) : NULL;
         } else if (json_span_equal(key, "messages"))
                 c->info->has_messages = value->type == JSON_VALUE_ARRAY;
         return 0;

@@ -10,6 +10,7 @@
  * untouched; nothing here points into it. */
 typedef struct ChatRequestInfo {
         char *model;        /* NULL if the request names none */
+        char *user;         /* the "user" member, a sticky key for A/B splits; NULL if none */
         bool stream;
         bool has_messages;
 } ChatRequestInfo;

@@ -109,7 +109,7 @@ static void manager_build(Manager *m, Config *c, ProviderSet **ret_providers, Ro
         };
 
         *ret_providers = provider_set_new(c, m->providers, &setup);
-        *ret_router = router_new(c, *ret_providers);
+        *ret_router = router_new(c, *ret_providers, m->router);
 }
 
 static void manager_update_status(Manager *m) {

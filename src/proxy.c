@@ -598,6 +598,24 @@ static void proxy_writable(Request *r) {
                 upstream_resume(px->upstream);
 }
 
+static const char *proxy_sticky_key(const Route *rt, void *userdata) {
+        Proxy *px = userdata;
+        const char *h;
+
+        switch (rt->sticky) {
+        case STICKY_USER:
+                return px->info.user;
+        case STICKY_HEADER:
+                h = request_header(px->request, rt->sticky_header);
+                return isempty(h) ? NULL : h;
+        case STICKY_TOKEN:
+                h = request_header(px->request, "Authorization");
+                return isempty(h) ? NULL : h;
+        default:
+                return NULL;
+        }
+}
+
 static void proxy_start(Request *r) {
         Worker *w = r->worker;
         Proxy *px = g_new0(Proxy, 1);
@@ -624,7 +642,7 @@ static void proxy_start(Request *r) {
         r->record.stream = px->info.stream;
 
         header = request_header(r, "X-Provider");
-        k = router_pick(w->router, header, px->info.model, NULL, worker_now(w), &pick);
+        k = router_pick(w->router, header, px->info.model, proxy_sticky_key, px, worker_now(w), &pick);
         if (k == -ENOENT) {
                 g_autofree char *known = router_provider_list(w->router);
                 w->stats.rejected++;
@@ -638,6 +656,9 @@ static void proxy_start(Request *r) {
                 return;
         }
         r->record.route = route_reason_to_string(pick.reason);
+        if (pick.arm)
+                /* Per route and arm too (the arm it was routed to, whoever ends up serving). */
+                record_begin_arm(&r->record, pick.arm->stats);
 
         /* A reload may have come between the request's head and its body: the request keeps the
          * set its provider belongs to alive. */

@@ -19,7 +19,14 @@ void record_clear(RequestRecord *r) {
         if (r->tried)
                 g_string_free(r->tried, TRUE);
         provider_stats_unref(r->stats);
+        provider_stats_unref(r->arm_stats);
         *r = (RequestRecord) {};
+}
+
+void record_begin_arm(RequestRecord *r, ProviderStats *arm_stats) {
+        g_assert(!r->arm_stats);
+        r->arm_stats = provider_stats_ref(arm_stats);
+        provider_stats_begin(r->arm_stats, r->stream);
 }
 
 void record_begin_provider(RequestRecord *r, const char *provider, ProviderStats *stats) {
@@ -62,6 +69,11 @@ void record_emit(RequestRecord *r, usec_t now, bool log_requests) {
                 provider_stats_end(r->stats, r->status, r->error_class, duration, r->ttfb, r->bytes_in, r->bytes_out,
                                    r->prompt_tokens, r->completion_tokens);
                 r->stats = provider_stats_unref(r->stats);
+        }
+        if (r->arm_stats) {
+                provider_stats_end(r->arm_stats, r->status, r->error_class, duration, r->ttfb, r->bytes_in, r->bytes_out,
+                                   r->prompt_tokens, r->completion_tokens);
+                r->arm_stats = provider_stats_unref(r->arm_stats);
         }
 
         /* Requests that never reached a provider and are not API calls (health checks, metrics,

@@ -18,6 +18,7 @@ typedef struct RequestRecord {
         const char *provider;        /* who serves it; borrowed from the request's provider set */
         const char *route;           /* "header", "mapping", "default" */
         ProviderStats *stats;        /* ref, while the provider counts it in flight */
+        ProviderStats *arm_stats;    /* ref: the (model, provider) arm of a route it was routed by */
 
         unsigned status;             /* 0 until an answer is given */
         usec_t ttfb;                 /* relative to start; USEC_INFINITY if none */
@@ -39,6 +40,8 @@ void record_clear(RequestRecord *r);
 
 /* Counts the request (or a new attempt of it) against a provider from now on. */
 void record_begin_provider(RequestRecord *r, const char *provider, ProviderStats *stats);
+/* Counts the request for the route's arm it was routed to, as well (once, whatever serves it). */
+void record_begin_arm(RequestRecord *r, ProviderStats *arm_stats);
 /* A failed attempt, counted for its provider; the next attempt starts afresh. */
 void record_end_attempt(RequestRecord *r, unsigned status, ErrorClass error_class, usec_t duration);
 void record_set_error(RequestRecord *r, ErrorClass error_class, const char *type, const char *message);

@@ -19,8 +19,12 @@ const char *route_reason_to_string(RouteReason r) {
 static Route *route_free(Route *rt) {
         if (!rt)
                 return NULL;
+        for (unsigned i = 0; i < rt->n_arms; i++)
+                provider_stats_unref(rt->arms[i].stats);
         g_free(rt->model);
         g_free(rt->arms);
+        g_free(rt->sticky_header);
+        g_free(rt->mirrors);
         g_free(rt);
         return NULL;
 }
@@ -29,19 +33,111 @@ static void route_destroy(gpointer p) {
         route_free(p);
 }
 
-static Route *route_new_single(Router *r, const char *model, Provider *p) {
+/* An arm's statistics: those of the same (model, provider) arm of carry when it had one. */
+static ProviderStats *arm_stats(const Route *carry, const char *model, Provider *p) {
+        g_autofree char *name = NULL;
+
+        for (unsigned i = 0; carry && i < carry->n_arms; i++)
+                if (streq(carry->arms[i].provider->name, p->name))
+                        return provider_stats_ref(carry->arms[i].stats);
+        name = g_strconcat(model, "/", p->name, NULL);
+        return provider_stats_new(name);
+}
+
+static Route *route_new(Router *r, const char *model, Provider *const *providers, const uint32_t *weights, unsigned n,
+                        const Route *carry) {
         Route *rt = g_new0(Route, 1);
 
+        g_assert(n > 0);
         rt->model = g_strdup(model);
-        rt->arms = g_new0(RouteArm, 1);
-        rt->arms[0] = (RouteArm) { .provider = p, .weight = 1 };
-        rt->n_arms = 1;
-        rt->total_weight = 1;
-        rt->seq = r->next_seq++;
+        rt->arms = g_new0(RouteArm, n);
+        rt->n_arms = n;
+        for (unsigned i = 0; i < n; i++) {
+                rt->arms[i] = (RouteArm) {
+                        .provider = providers[i],
+                        .weight = weights ? weights[i] : 1,
+                        .stats = arm_stats(carry, model, providers[i]),
+                };
+                rt->total_weight += rt->arms[i].weight;
+        }
+        /* A change keeps the route's place in listings, and its sticky key and mirrors. */
+        rt->seq = carry ? carry->seq : r->next_seq++;
+        if (carry) {
+                rt->sticky = carry->sticky;
+                rt->sticky_header = g_strdup(carry->sticky_header);
+                rt->mirror_percent = carry->mirror_percent;
+                if (carry->mirrors) {
+                        unsigned k = 0;
+                        while (carry->mirrors[k])
+                                k++;
+                        rt->mirrors = g_memdup2(carry->mirrors, sizeof(Provider *) * (k + 1));
+                }
+        }
         return rt;
 }
 
-Router *router_new(const Config *c, ProviderSet *providers) {
+static Route *route_new_single(Router *r, const char *model, Provider *p, const Route *carry) {
+        return route_new(r, model, &p, NULL, 1, carry);
+}
+
+static const Route *router_find_route(const Router *r, const char *model) {
+        if (!r || !model)
+                return NULL;
+        if (streq(model, ROUTE_DEFAULT_MODEL))
+                return r->default_route;
+        return g_hash_table_lookup(r->routes, model);
+}
+
+static void router_replace_route(Router *r, Route *rt) {
+        if (streq(rt->model, ROUTE_DEFAULT_MODEL)) {
+                route_free(r->default_route);
+                r->default_route = rt;
+        } else
+                g_hash_table_replace(r->routes, rt->model, rt);
+}
+
+/* A [Route MODEL] group over what the mappings made. */
+static void router_apply_route_config(Router *r, const RouteConfig *rc, const Router *previous) {
+        const Route *base = router_find_route(r, rc->model);
+        g_autofree Provider **providers = NULL;
+        unsigned n = 0;
+        Route *rt;
+
+        if (rc->providers) {
+                n = g_strv_length(rc->providers);
+                providers = g_new0(Provider *, n);
+                for (unsigned i = 0; i < n; i++)
+                        if (!(providers[i] = router_find(r, rc->providers[i])))
+                                return; /* validated at load */
+                rt = route_new(r, rc->model, providers, rc->weights, n, router_find_route(previous, rc->model));
+        } else if (base) {
+                providers = g_new0(Provider *, base->n_arms);
+                for (unsigned i = 0; i < base->n_arms; i++)
+                        providers[i] = base->arms[i].provider;
+                rt = route_new(r, rc->model, providers, NULL, base->n_arms, router_find_route(previous, rc->model));
+        } else
+                return;
+        if (base)
+                rt->seq = base->seq;
+
+        rt->sticky = rc->sticky;
+        g_free(rt->sticky_header);
+        rt->sticky_header = g_strdup(rc->sticky_header);
+        g_clear_pointer(&rt->mirrors, g_free);
+        if (rc->mirrors) {
+                unsigned m = g_strv_length(rc->mirrors), k = 0;
+                rt->mirrors = g_new0(Provider *, m + 1);
+                for (unsigned i = 0; i < m; i++) {
+                        Provider *p = router_find(r, rc->mirrors[i]);
+                        if (p)
+                                rt->mirrors[k++] = p;
+                }
+        }
+        rt->mirror_percent = rc->mirror_percent;
+        router_replace_route(r, rt);
+}
+
+Router *router_new(const Config *c, ProviderSet *providers, const Router *previous) {
         Router *r = g_new0(Router, 1);
         Provider *def;
 
@@ -52,12 +148,22 @@ Router *router_new(const Config *c, ProviderSet *providers) {
         def = provider_set_find(providers, c->default_provider);
         if (!def) /* validated at load; a set made for tests may lack it */
                 def = provider_set_size(providers) > 0 ? provider_set_get(providers, 0) : NULL;
-        r->default_route = def ? route_new_single(r, "*", def) : NULL;
+        r->default_route = def ? route_new_single(r, ROUTE_DEFAULT_MODEL, def, NULL) : NULL;
+        if (r->default_route && previous && previous->default_route)
+                for (unsigned i = 0; i < previous->default_route->n_arms; i++)
+                        if (streq(previous->default_route->arms[i].provider->name, def->name)) {
+                                provider_stats_unref(r->default_route->arms[0].stats);
+                                r->default_route->arms[0].stats = provider_stats_ref(previous->default_route->arms[i].stats);
+                        }
 
         for (guint i = 0; i < c->mapping_order->len; i++) {
                 const char *model = c->mapping_order->pdata[i];
-                (void) router_set_mapping(r, model, g_hash_table_lookup(c->mappings, model));
+                Provider *p = router_find(r, g_hash_table_lookup(c->mappings, model));
+                if (p && model_name_is_valid(model))
+                        router_replace_route(r, route_new_single(r, model, p, router_find_route(previous, model)));
         }
+        for (guint i = 0; i < c->routes->len; i++)
+                router_apply_route_config(r, c->routes->pdata[i], previous);
         return r;
 }
 
@@ -97,12 +203,12 @@ static uint64_t arm_hash(const char *key, const char *name) {
  * for as long as that arm is available, and when one goes away only its keys move. Without one:
  * drawn by weight. Arms that are not available give their share to the others; when none is,
  * the draw is among all (failover then decides). */
-static Provider *route_pick_arm(const Route *rt, const char *sticky_key, usec_t now) {
+static RouteArm *route_pick_arm(const Route *rt, const char *sticky_key, usec_t now) {
         bool any_available = false;
         uint64_t total = 0;
 
         if (rt->n_arms == 1)
-                return rt->arms[0].provider;
+                return &rt->arms[0];
 
         for (unsigned i = 0; i < rt->n_arms; i++)
                 if (provider_available(rt->arms[i].provider, now, false)) {
@@ -113,7 +219,7 @@ static Provider *route_pick_arm(const Route *rt, const char *sticky_key, usec_t 
                 total = rt->total_weight;
 
         if (sticky_key) {
-                Provider *best = NULL;
+                RouteArm *best = NULL;
                 double best_score = -1;
 
                 for (unsigned i = 0; i < rt->n_arms; i++) {
@@ -127,7 +233,7 @@ static Provider *route_pick_arm(const Route *rt, const char *sticky_key, usec_t 
                         score = (double) a->weight / -log(u);
                         if (score > best_score) {
                                 best_score = score;
-                                best = a->provider;
+                                best = (RouteArm *) a;
                         }
                 }
                 return best;
@@ -139,14 +245,14 @@ static Provider *route_pick_arm(const Route *rt, const char *sticky_key, usec_t 
                 if (any_available && !provider_available(a->provider, now, false))
                         continue;
                 if (x < a->weight)
-                        return a->provider;
+                        return (RouteArm *) a;
                 x -= a->weight;
         }
-        return rt->arms[rt->n_arms - 1].provider;
+        return &rt->arms[rt->n_arms - 1];
 }
 
-int router_pick(const Router *r, const char *header, const char *model, const char *sticky_key, usec_t now,
-                RoutePick *ret) {
+int router_pick(const Router *r, const char *header, const char *model, StickyKeyFunc sticky, void *userdata,
+                usec_t now, RoutePick *ret) {
         const Route *rt;
         Provider *p;
 
@@ -161,17 +267,16 @@ int router_pick(const Router *r, const char *header, const char *model, const ch
         }
 
         if (model && (rt = g_hash_table_lookup(r->routes, model))) {
-                *ret = (RoutePick) { .provider = route_pick_arm(rt, sticky_key, now), .route = rt, .reason = ROUTE_MAPPING };
+                RouteArm *a = route_pick_arm(rt, rt->n_arms > 1 && sticky ? sticky(rt, userdata) : NULL, now);
+                *ret = (RoutePick) { .provider = a->provider, .arm = a, .route = rt, .reason = ROUTE_MAPPING };
                 return 0;
         }
 
         if (!r->default_route) /* validated at load and on every change, so this is our bug */
                 return -ENXIO;
-        *ret = (RoutePick) {
-                .provider = route_pick_arm(r->default_route, sticky_key, now),
-                .route = r->default_route,
-                .reason = ROUTE_DEFAULT,
-        };
+        rt = r->default_route;
+        RouteArm *a = route_pick_arm(rt, rt->n_arms > 1 && sticky ? sticky(rt, userdata) : NULL, now);
+        *ret = (RoutePick) { .provider = a->provider, .arm = a, .route = r->default_route, .reason = ROUTE_DEFAULT };
         return 0;
 }
 
@@ -182,8 +287,7 @@ int router_set_default(Router *r, const char *name) {
                 return -ENOENT;
         if (r->default_route && r->default_route->n_arms == 1 && r->default_route->arms[0].provider == p)
                 return 0;
-        route_free(r->default_route);
-        r->default_route = route_new_single(r, "*", p);
+        router_replace_route(r, route_new_single(r, ROUTE_DEFAULT_MODEL, p, r->default_route));
         return 1;
 }
 
@@ -199,10 +303,41 @@ int router_set_mapping(Router *r, const char *model, const char *provider) {
         old = g_hash_table_lookup(r->routes, model);
         if (old && old->n_arms == 1 && old->arms[0].provider == p)
                 return 0;
-        Route *rt = route_new_single(r, model, p);
-        if (old)
-                rt->seq = old->seq; /* a change keeps its place in listings */
-        g_hash_table_replace(r->routes, rt->model, rt);
+        router_replace_route(r, route_new_single(r, model, p, old));
+        return 1;
+}
+
+int router_set_split(Router *r, const char *model, const char *const *providers, const uint32_t *weights, unsigned n,
+                     const char **ret_unknown) {
+        g_autofree Provider **ps = NULL;
+        const Route *old;
+        bool same;
+
+        if (!streq(strempty(model), ROUTE_DEFAULT_MODEL) && !model_name_is_valid(model))
+                return -EINVAL;
+        if (n == 0)
+                return -EINVAL;
+        ps = g_new0(Provider *, n);
+        for (unsigned i = 0; i < n; i++) {
+                if (!(ps[i] = router_find(r, providers[i]))) {
+                        if (ret_unknown)
+                                *ret_unknown = providers[i];
+                        return -ENOENT;
+                }
+                if (weights[i] < 1)
+                        return -EINVAL;
+                for (unsigned j = 0; j < i; j++)
+                        if (ps[j] == ps[i])
+                                return -EINVAL;
+        }
+
+        old = router_find_route(r, model);
+        same = old && old->n_arms == n;
+        for (unsigned i = 0; same && i < n; i++)
+                same = old->arms[i].provider == ps[i] && old->arms[i].weight == weights[i];
+        if (same)
+                return 0;
+        router_replace_route(r, route_new(r, model, ps, weights, n, old));
         return 1;
 }
 
@@ -213,6 +348,7 @@ int router_remove_mapping(Router *r, const char *model) {
 }
 
 const char *router_default_name(const Router *r) {
+        /* A split default route: its first arm is the one named. */
         return r->default_route ? r->default_route->arms[0].provider->name : NULL;
 }
 

@@ -15,15 +15,21 @@ const char *route_reason_to_string(RouteReason r);
 typedef struct RouteArm {
         Provider *provider;        /* borrowed from the router's provider set */
         uint32_t weight;           /* >= 1 */
+        ProviderStats *stats;      /* this (model, provider) arm's; kept while both stay */
 } RouteArm;
 
-/* Who serves a model: one provider, or several by weight (an A/B split). */
+/* Who serves a model: one provider, or several by weight (an A/B split), how a conversation
+ * sticks to one arm, and who else is asked for comparison. */
 typedef struct Route {
         char *model;               /* "*" for the default route */
         RouteArm *arms;
         unsigned n_arms;
         uint64_t total_weight;
         uint64_t seq;              /* creation order, for stable listings */
+        StickyKind sticky;
+        char *sticky_header;
+        Provider **mirrors;        /* NULL-terminated; NULL if none */
+        unsigned mirror_percent;
 } Route;
 
 /* The routing table: who serves which request. Made from the configuration over one provider
@@ -37,7 +43,8 @@ typedef struct Router {
         bool allow_override;
 } Router;
 
-Router *router_new(const Config *c, ProviderSet *providers);
+/* previous may be NULL; arms that exist in both keep their statistics. */
+Router *router_new(const Config *c, ProviderSet *providers, const Router *previous);
 Router *router_free(Router *r);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(Router, router_free)
 
@@ -45,20 +52,31 @@ Provider *router_find(const Router *r, const char *name);
 
 typedef struct RoutePick {
         Provider *provider;        /* borrowed */
+        const RouteArm *arm;       /* of route; NULL for X-Provider */
         const Route *route;        /* the route it came from; NULL for X-Provider */
         RouteReason reason;
 } RoutePick;
 
-/* header may be NULL (no X-Provider), model may be NULL (body had none), sticky_key may be NULL
- * (no stickiness: arms are drawn by weight). Arms that are not available now give their share to
- * the others. Returns -ENOENT when the header names an unknown provider. */
-int router_pick(const Router *r, const char *header, const char *model, const char *sticky_key, usec_t now,
-                RoutePick *ret);
+/* The key that keeps a request on one arm of rt (its body's "user", a header's value, the client's
+ * token — as rt->sticky says), or NULL: the arm is then drawn by weight. */
+typedef const char *(*StickyKeyFunc)(const Route *rt, void *userdata);
+
+/* header may be NULL (no X-Provider), model may be NULL (body had none), sticky may be NULL (no
+ * stickiness). Arms that are not available now give their share to the others. Returns -ENOENT
+ * when the header names an unknown provider. */
+int router_pick(const Router *r, const char *header, const char *model, StickyKeyFunc sticky, void *userdata,
+                usec_t now, RoutePick *ret);
 
 int router_set_default(Router *r, const char *name);
 /* One provider for a model; returns 1 if changed, 0 if it was so already. */
 int router_set_mapping(Router *r, const char *model, const char *provider);
 int router_remove_mapping(Router *r, const char *model);
+/* Several providers by weight for a model ("*": the default route). One arm is a mapping.
+ * Returns 1 if changed, 0 if the same, -ENOENT naming an unknown provider (*ret_unknown),
+ * -EINVAL for a bad model, weight or a provider named twice. */
+int router_set_split(Router *r, const char *model, const char *const *providers, const uint32_t *weights, unsigned n,
+                     const char **ret_unknown);
+/* Sticky key and mirrors of a model's route are set by the configuration. */
 
 /* Read access for listings and the saved state. */
 const char *router_default_name(const Router *r);

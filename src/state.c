@@ -37,7 +37,7 @@ static char *state_key_escape(const char *model) {
 }
 
 int state_save(Manager *m) {
-        g_autoptr(Router) base = router_new(m->config, m->providers);
+        g_autoptr(Router) base = router_new(m->config, m->providers, NULL);
         g_autoptr(GKeyFile) kf = g_key_file_new();
         g_autofree char *path = state_file_path(), *data = NULL, *dir = NULL;
         g_autofree const Route **routes = NULL;

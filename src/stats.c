@@ -138,6 +138,9 @@ void provider_stats_end(ProviderStats *s, unsigned status, ErrorClass error, use
         if (prompt_tokens != UINT64_MAX) {
                 s->prompt_tokens += prompt_tokens;
                 s->completion_tokens += completion_tokens;
+                /* How fast the answer came once it began. */
+                if (completion_tokens > 0 && completion_tokens != UINT64_MAX && ttfb != USEC_INFINITY && duration > ttfb)
+                        histogram_record(&s->speed, completion_tokens * 100 * USEC_PER_SEC / (duration - ttfb));
         }
 }
 
@@ -158,6 +161,7 @@ void provider_stats_add(ProviderStats *t, const ProviderStats *ps) {
         t->completion_tokens += ps->completion_tokens;
         histogram_merge(&t->latency, &ps->latency);
         histogram_merge(&t->ttfb, &ps->ttfb);
+        histogram_merge(&t->speed, &ps->speed);
 }
 
 void stats_init(Stats *s) {

@@ -56,6 +56,7 @@ typedef struct ProviderStats {
         uint64_t completion_tokens;
         Histogram latency;         /* whole request, µs */
         Histogram ttfb;            /* until the first byte of the answer, µs */
+        Histogram speed;           /* completion tokens per second after the first byte, × 100 */
 } ProviderStats;
 
 ProviderStats *provider_stats_new(const char *name);

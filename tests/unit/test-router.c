@@ -30,7 +30,7 @@ static Config *config_from_env(const char *first, ...) {
 /* A router over its own provider set (no event loop: no probes). */
 static Router *test_router_new(const Config *c) {
         g_autoptr(ProviderSet) set = provider_set_new(c, NULL, NULL);
-        return router_new(c, set);
+        return router_new(c, set, NULL);
 }
 
 static Router *router_from_env(const char *mappings, bool allow_override) {
@@ -58,7 +58,7 @@ static const char *pick(const Router *r, const char *header, const char *model, 
         Provider *p;
         int k;
 
-        k = router_pick(r, header, model, NULL, now_usec(CLOCK_MONOTONIC), &pk);
+        k = router_pick(r, header, model, NULL, NULL, now_usec(CLOCK_MONOTONIC), &pk);
         if (ret_r)
                 *ret_r = k;
         p = pk.provider;
@@ -114,13 +114,13 @@ START_TEST(test_reason_optional) {
         RoutePick pk;
 
         /* The pick names the route it came from: none for the header. */
-        ck_assert_int_eq(router_pick(r, NULL, "m", NULL, now, &pk), 0);
+        ck_assert_int_eq(router_pick(r, NULL, "m", NULL, NULL, now, &pk), 0);
         ck_assert_str_eq(pk.provider->name, "echo");
         ck_assert_str_eq(pk.route->model, "m");
-        ck_assert_int_eq(router_pick(r, "qwen-proxy", NULL, NULL, now, &pk), 0);
+        ck_assert_int_eq(router_pick(r, "qwen-proxy", NULL, NULL, NULL, now, &pk), 0);
         ck_assert_str_eq(pk.provider->name, "qwen-proxy");
         ck_assert_ptr_null(pk.route);
-        ck_assert_int_eq(router_pick(r, NULL, NULL, NULL, now, &pk), 0);
+        ck_assert_int_eq(router_pick(r, NULL, NULL, NULL, NULL, now, &pk), 0);
         ck_assert_str_eq(pk.provider->name, "lm-studio");
         ck_assert_str_eq(pk.route->model, "*");
 }
@@ -132,11 +132,11 @@ START_TEST(test_unknown_header_provider) {
         RoutePick pk = { .provider = (Provider *) 0x1, .reason = _ROUTE_REASON_MAX };
 
         /* An unknown name is an error, never a silent fallback to the mapping or default. */
-        ck_assert_int_eq(router_pick(r, "nope", "m", NULL, now, &pk), -ENOENT);
+        ck_assert_int_eq(router_pick(r, "nope", "m", NULL, NULL, now, &pk), -ENOENT);
         ck_assert_ptr_eq(pk.provider, (Provider *) 0x1); /* untouched */
         ck_assert_int_eq(pk.reason, _ROUTE_REASON_MAX);
-        ck_assert_int_eq(router_pick(r, "Echo", NULL, NULL, now, &pk), -ENOENT); /* names are case-sensitive */
-        ck_assert_int_eq(router_pick(r, "echo ", NULL, NULL, now, &pk), -ENOENT);
+        ck_assert_int_eq(router_pick(r, "Echo", NULL, NULL, NULL, now, &pk), -ENOENT); /* names are case-sensitive */
+        ck_assert_int_eq(router_pick(r, "echo ", NULL, NULL, NULL, now, &pk), -ENOENT);
 }
 END_TEST
 

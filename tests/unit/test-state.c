@@ -24,7 +24,7 @@ static void setup(void) {
         m = (Manager) {};
         m.config = config_with_mappings("a:echo,b:qwen-proxy");
         m.providers = provider_set_new(m.config, NULL, NULL);
-        m.router = router_new(m.config, m.providers);
+        m.router = router_new(m.config, m.providers, NULL);
 }
 
 static void teardown(void) {
@@ -90,7 +90,7 @@ START_TEST(test_save_and_restore) {
         ck_assert_uint_eq(st.st_mode & 07777, 0640);
 
         /* A restart: the router from the configuration, then the saved changes. */
-        restored = router_new(m.config, m.providers);
+        restored = router_new(m.config, m.providers, NULL);
         g_clear_pointer(&m.router, router_free);
         m.router = TAKE_PTR(restored);
         ck_assert_str_eq(router_default_name(m.router), "lm-studio");
