@@ -1424,6 +1424,8 @@ static const DocumentedDefault documented_defaults[] = {
         PROVIDER("MaxConcurrent", max_concurrent, FIELD_UNSIGNED),
         { "Provider", "Fallbacks", FIELD_NONE, 0, "none", check_no_fallbacks },
         PROVIDER("MaxRetries", max_retries, FIELD_UNSIGNED),
+        ROUTER("MirrorMaxConcurrent", mirror_max_concurrent, FIELD_UNSIGNED),
+        ROUTER("ComparisonsKept", comparisons_kept, FIELD_UNSIGNED),
 };
 
 static char *field_to_string(FieldType type, const void *base, size_t offset) {
