@@ -293,3 +293,68 @@ void compare_store_count_skipped(CompareStore *s) {
 uint64_t compare_store_skipped(const CompareStore *s) {
         return s->skipped;
 }
+
+struct CompareJob {
+        unsigned n_ref;
+        CompareStore *store;
+        Comparison *comparison;
+        bool have_primary;
+        bool have_mirror;
+};
+
+CompareJob *compare_job_new(CompareStore *store, const char *request_id, const char *model, ComparisonOrigin origin) {
+        CompareJob *j = g_new0(CompareJob, 1);
+
+        j->n_ref = 1;
+        j->store = store;
+        j->comparison = g_new0(Comparison, 1);
+        j->comparison->request_id = g_strdup(request_id);
+        j->comparison->model = g_strdup(model);
+        j->comparison->origin = origin;
+        j->comparison->time_realtime = now_usec(CLOCK_REALTIME);
+        answer_summary_init(&j->comparison->primary, NULL);
+        answer_summary_init(&j->comparison->mirror, NULL);
+        return j;
+}
+
+CompareJob *compare_job_ref(CompareJob *j) {
+        if (j)
+                j->n_ref++;
+        return j;
+}
+
+CompareJob *compare_job_unref(CompareJob *j) {
+        if (!j)
+                return NULL;
+        g_assert(j->n_ref > 0);
+        if (--j->n_ref > 0)
+                return NULL;
+        /* A side that never came (the daemon stopping): nothing is recorded. */
+        comparison_free(j->comparison);
+        g_free(j);
+        return NULL;
+}
+
+static void compare_job_check(CompareJob *j) {
+        if (!j->have_primary || !j->have_mirror || !j->comparison)
+                return;
+        compare_store_add(j->store, TAKE_PTR(j->comparison));
+}
+
+void compare_job_primary_done(CompareJob *j, const AnswerSummary *s) {
+        if (j->have_primary || !j->comparison)
+                return;
+        answer_summary_clear(&j->comparison->primary);
+        answer_summary_copy(&j->comparison->primary, s);
+        j->have_primary = true;
+        compare_job_check(j);
+}
+
+void compare_job_mirror_done(CompareJob *j, const AnswerSummary *s) {
+        if (j->have_mirror || !j->comparison)
+                return;
+        answer_summary_clear(&j->comparison->mirror);
+        answer_summary_copy(&j->comparison->mirror, s);
+        j->have_mirror = true;
+        compare_job_check(j);
+}

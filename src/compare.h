@@ -76,3 +76,16 @@ const GPtrArray *compare_store_pairs(const CompareStore *s);
 /* Mirrors skipped because MirrorMaxConcurrent= transfers were running. */
 void compare_store_count_skipped(CompareStore *s);
 uint64_t compare_store_skipped(const CompareStore *s);
+
+/* One comparison in the making: the answer of the request's own provider (the primary) and of
+ * one other arrive separately, in either order; when both are in, the comparison is added to the
+ * store. Reference counted: the request and the mirror each hold one. */
+typedef struct CompareJob CompareJob;
+
+CompareJob *compare_job_new(CompareStore *store, const char *request_id, const char *model, ComparisonOrigin origin);
+CompareJob *compare_job_ref(CompareJob *j);
+CompareJob *compare_job_unref(CompareJob *j);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(CompareJob, compare_job_unref)
+/* Each side's summary is copied. */
+void compare_job_primary_done(CompareJob *j, const AnswerSummary *s);
+void compare_job_mirror_done(CompareJob *j, const AnswerSummary *s);

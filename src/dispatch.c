@@ -207,13 +207,6 @@ static void dispatch_done(Exchange *x, bool completed, void *userdata) {
         Request *r = userdata;
         RequestRecord *rec = &r->record;
 
-        if (r->handler) {
-                if (r->handler->cancel)
-                        r->handler->cancel(r);
-                if (r->handler->free)
-                        r->handler->free(r);
-        }
-
         if (!exchange_answered(x)) {
                 rec->status = 499;
                 if (rec->error_class == ERROR_CLASS_NONE)
@@ -225,6 +218,14 @@ static void dispatch_done(Exchange *x, bool completed, void *userdata) {
                         rec->error_message = g_strdup("client closed the connection");
         }
         rec->bytes_out = exchange_bytes_out(x);
+
+        /* The handler sees the record as it is emitted. */
+        if (r->handler) {
+                if (r->handler->cancel)
+                        r->handler->cancel(r);
+                if (r->handler->free)
+                        r->handler->free(r);
+        }
         record_emit(rec, worker_now(r->worker), r->worker->config->log_requests);
         request_free(r);
 }

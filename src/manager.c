@@ -66,6 +66,10 @@ static void manager_publish(Manager *m) {
         w->providers = m->providers;
         w->router = m->router;
         w->stopping = m->stopping;
+        if (w->mirrors)
+                mirror_pool_set_max(w->mirrors, m->config->mirror_max_concurrent);
+        if (w->comparisons)
+                compare_store_set_kept(w->comparisons, m->config->comparisons_kept);
         if (w->front)
                 exchange_front_set_limits(w->front, m->config->max_body_size, (size_t) m->config->stream_buffer_size);
 }
@@ -146,6 +150,20 @@ int manager_remove_model_mapping(Manager *m, const char *model) {
         if (r <= 0)
                 return r;
         log_info("Model mapping for '%s' removed.", model);
+        manager_routing_changed(m);
+        return 1;
+}
+
+int manager_set_model_split(Manager *m, const char *model, const char *const *providers, const uint32_t *weights,
+                            unsigned n, const char **ret_unknown) {
+        g_autoptr(GString) arms = g_string_new(NULL);
+        int r = router_set_split(m->router, model, providers, weights, n, ret_unknown);
+
+        if (r <= 0)
+                return r;
+        for (unsigned i = 0; i < n; i++)
+                g_string_append_printf(arms, "%s%s:%u", i > 0 ? " " : "", providers[i], weights[i]);
+        log_info("Model '%s' is now split between %s.", model, arms->str);
         manager_routing_changed(m);
         return 1;
 }
@@ -295,6 +313,8 @@ int manager_new(const ManagerOptions *options, Manager **ret) {
         m->worker = (Worker) {
                 .event = m->event,
                 .curl = m->curl,
+                .mirrors = mirror_pool_new(m->event, m->curl, m->config->mirror_max_concurrent),
+                .comparisons = compare_store_new(m->config->comparisons_kept),
                 .started_usec = now_usec(CLOCK_MONOTONIC),
                 .request_id_seed = seed,
         };
@@ -311,6 +331,8 @@ Manager *manager_free(Manager *m) {
         /* Stopping the front end completes the requests still open, which may still use
          * everything below. */
         m->worker.front = exchange_front_free(m->worker.front);
+        m->worker.mirrors = mirror_pool_free(m->worker.mirrors);
+        m->worker.comparisons = compare_store_free(m->worker.comparisons);
         sd_event_source_disable_unref(m->shutdown_timer);
         if (m->providers)
                 provider_set_retire(m->providers);

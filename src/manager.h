@@ -74,3 +74,6 @@ void manager_begin_shutdown(Manager *m);
 int manager_set_default_provider(Manager *m, const char *name);
 int manager_set_model_mapping(Manager *m, const char *model, const char *provider);
 int manager_remove_model_mapping(Manager *m, const char *model);
+/* Several providers by weight; see router_set_split(). */
+int manager_set_model_split(Manager *m, const char *model, const char *const *providers, const uint32_t *weights,
+                            unsigned n, const char **ret_unknown);

@@ -283,6 +283,15 @@ const char *provider_url(const Provider *p, const char *suffix, char **ret_buf) 
         return *ret_buf;
 }
 
+const char *provider_model_name(const Provider *p, const char *model) {
+        const char *alias;
+
+        if (!model || !p->config->aliases)
+                return model;
+        alias = g_hash_table_lookup(p->config->aliases, model);
+        return alias ?: model;
+}
+
 HealthState provider_state(const Provider *p) {
         if (provider_is_echo(p))
                 return HEALTH_UP; /* it is us */

@@ -70,6 +70,9 @@ static inline bool provider_is_echo(const Provider *p) {
  * else here into *ret_buf (freed by the caller). */
 const char *provider_url(const Provider *p, const char *suffix, char **ret_buf);
 
+/* The name p knows a client's model by ([ModelAliases]); model itself when it has no alias. */
+const char *provider_model_name(const Provider *p, const char *model);
+
 HealthState provider_state(const Provider *p);
 /* May a request go to it now: up (or untried), not inside a Retry-After it asked for (unless
  * ignored), and below its MaxConcurrent=. */

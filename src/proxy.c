@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #include <inttypes.h>
 
+#include "compare.h"
 #include "echo.h"
 #include "inspect.h"
 #include "json-util.h"
@@ -41,6 +42,11 @@ typedef struct Proxy {
         size_t buf_alloc;
         SseScanner sse;
         uint64_t dropped_comments;
+
+        /* comparisons this request takes part in, as the primary */
+        GPtrArray *jobs;             /* CompareJob* refs */
+        AnswerSummary primary;
+        AnswerReader primary_reader;
 } Proxy;
 
 static void proxy_start_attempt(Proxy *px, Provider *p);
@@ -124,6 +130,8 @@ static void on_sse_event(const char *event, size_t size, void *userdata) {
 
         if (!px->complete && event_completes(event, size))
                 px->complete = true;
+        if (px->jobs)
+                answer_reader_event(&px->primary_reader, event, size);
 
         /* The usage totals come in the last chunk, when the client asked for them. */
         if (memmem(event, size, "\"usage\"", STRLEN("\"usage\""))) {
@@ -296,6 +304,12 @@ static void proxy_respond_buffered(Proxy *px) {
         }
         if (r->worker->config->log_responses && px->buf)
                 record_keep_response(&r->record, px->buf, size);
+        if (px->jobs && px->buf) {
+                answer_reader_clear(&px->primary_reader);
+                answer_reader_init(&px->primary_reader, &px->primary, false);
+                answer_reader_feed(&px->primary_reader, px->buf, size);
+                answer_reader_finish(&px->primary_reader);
+        }
 
         add_upstream_headers(px, false);
         request_respond(r, status, TAKE_PTR(px->buf), size);
@@ -576,12 +590,42 @@ static void proxy_cancel(Request *r) {
         px->retry_timer = sd_event_source_disable_unref(px->retry_timer);
 }
 
+/* The request is over: what the primary answered goes to each of its comparisons. */
+static void proxy_finish_comparisons(Proxy *px) {
+        Request *r = px->request;
+        const RequestRecord *rec = &r->record;
+        AnswerSummary *s = &px->primary;
+
+        if (!px->jobs)
+                return;
+        g_free(s->provider);
+        s->provider = g_strdup(rec->provider);
+        s->status = rec->status;
+        s->ttfb_usec = rec->ttfb;
+        s->duration_usec = worker_now(r->worker) - rec->start;
+        if (rec->prompt_tokens != UINT64_MAX) {
+                s->prompt_tokens = rec->prompt_tokens;
+                s->completion_tokens = rec->completion_tokens;
+        }
+        if (rec->error_message)
+                answer_summary_set_error(s, "%s", rec->error_message);
+        else if (rec->status < 200 || rec->status >= 300)
+                answer_summary_set_error(s, "answered HTTP %u", rec->status);
+        for (guint i = 0; i < px->jobs->len; i++)
+                compare_job_primary_done(px->jobs->pdata[i], s);
+}
+
 static void proxy_free(Request *r) {
         Proxy *px = r->data;
 
         if (!px)
                 return;
         proxy_cancel(r);
+        proxy_finish_comparisons(px);
+        if (px->jobs)
+                g_ptr_array_unref(px->jobs);
+        answer_reader_clear(&px->primary_reader);
+        answer_summary_clear(&px->primary);
         chat_request_info_clear(&px->info);
         g_free(px->upstream_body);
         g_free(px->buf);
@@ -596,6 +640,98 @@ static void proxy_writable(Request *r) {
 
         if (px && px->upstream && upstream_is_paused(px->upstream))
                 upstream_resume(px->upstream);
+}
+
+static void proxy_on_mirror_done(Mirror *m, const AnswerSummary *summary, void *userdata) {
+        compare_job_mirror_done(userdata, summary);
+}
+
+static void compare_job_destroy(gpointer j) {
+        compare_job_unref(j);
+}
+
+/* Sends the request to p too, in the background, and records the two answers as one comparison.
+ * The client's own request was started first and is never held up: a mirror that cannot start
+ * now (MirrorMaxConcurrent=, its provider full or down) is skipped and counted. */
+static void proxy_start_comparison(Proxy *px, Provider *p, ComparisonOrigin origin) {
+        Request *r = px->request;
+        Worker *w = r->worker;
+        g_autoptr(CompareJob) job = NULL;
+        size_t body_size;
+        const char *body = exchange_body(r->exchange, &body_size);
+        int k;
+
+        if (provider_is_echo(p) || !provider_available(p, worker_now(w), false)) {
+                compare_store_count_skipped(w->comparisons);
+                return;
+        }
+        job = compare_job_new(w->comparisons, r->record.request_id, px->info.model, origin);
+        MirrorRequest req = {
+                .provider = p,
+                .suffix = px->url_suffix,
+                .body = body,
+                .body_size = body_size,
+                .stream = px->info.stream,
+                .request_id = r->record.request_id,
+        };
+        k = mirror_pool_start(w->mirrors, &req, true, proxy_on_mirror_done, job, compare_job_destroy, NULL);
+        if (k < 0) {
+                if (k != -EBUSY)
+                        log_debug_errno(k, "%s: could not mirror to '%s', skipping: %m", r->record.request_id, p->name);
+                compare_store_count_skipped(w->comparisons);
+                return;
+        }
+        compare_job_ref(job); /* the mirror's reference is the one handed over */
+        if (!px->jobs) {
+                px->jobs = g_ptr_array_new_with_free_func(compare_job_destroy);
+                answer_summary_init(&px->primary, NULL);
+                answer_reader_init(&px->primary_reader, &px->primary, px->info.stream);
+        }
+        g_ptr_array_add(px->jobs, TAKE_PTR(job));
+}
+
+/* After the request's own first attempt: the route's mirrors (a sample of MirrorPercent=) and
+ * the providers the client named in X-Compare. */
+static void proxy_start_comparisons(Proxy *px, const Route *route, GPtrArray *x_compare) {
+        if (exchange_client_gone(px->request->exchange))
+                return;
+        if (route && route->mirrors && route->mirror_percent > 0 &&
+            (route->mirror_percent >= 100 || (unsigned) g_random_int_range(0, 100) < route->mirror_percent))
+                for (Provider **m = route->mirrors; *m; m++)
+                        proxy_start_comparison(px, *m, COMPARISON_MIRROR);
+        for (guint i = 0; x_compare && i < x_compare->len; i++)
+                proxy_start_comparison(px, x_compare->pdata[i], COMPARISON_X_COMPARE);
+}
+
+/* The providers named in X-Compare, checked before anything starts. */
+#define X_COMPARE_MAX 8
+
+static int proxy_parse_x_compare(Proxy *px, const char *header, GPtrArray **ret) {
+        Request *r = px->request;
+        g_auto(GStrv) names = g_strsplit(header, ",", -1);
+        g_autoptr(GPtrArray) list = g_ptr_array_new();
+
+        for (char **n = names; *n; n++) {
+                Provider *p;
+                g_strstrip(*n);
+                if (isempty(*n))
+                        continue;
+                p = provider_set_find(r->providers, *n);
+                if (!p) {
+                        g_autofree char *known = provider_set_list(r->providers);
+                        request_respond_error(r, 400, "invalid_request_error", NULL,
+                                              "Unknown provider '%s' in the X-Compare header. Known providers: %s.", *n, known);
+                        return -ENOENT;
+                }
+                if (list->len >= X_COMPARE_MAX) {
+                        request_respond_error(r, 400, "invalid_request_error", NULL,
+                                              "The X-Compare header names more than %d providers.", X_COMPARE_MAX);
+                        return -E2BIG;
+                }
+                g_ptr_array_add(list, p);
+        }
+        *ret = TAKE_PTR(list);
+        return 0;
 }
 
 static const char *proxy_sticky_key(const Route *rt, void *userdata) {
@@ -667,6 +803,13 @@ static void proxy_start(Request *r) {
                 r->providers = provider_set_ref(pick.provider->set);
         }
 
+        g_autoptr(GPtrArray) compare = NULL;
+        const char *xc = request_header(r, "X-Compare");
+        if (w->router->allow_override && !isempty(xc) && proxy_parse_x_compare(px, xc, &compare) < 0) {
+                w->stats.rejected++;
+                return;
+        }
+
         /* The chain a request may walk: the routed provider, then its fallbacks in order. */
         px->routed = pick.provider;
         px->n_chain = 1;
@@ -679,6 +822,7 @@ static void proxy_start(Request *r) {
                 r->record.attempts = 1;
                 request_begin_provider(r, px->routed);
                 echo_respond(r, px->routed, &px->info);
+                proxy_start_comparisons(px, pick.route, compare);
                 return;
         }
 
@@ -698,6 +842,7 @@ static void proxy_start(Request *r) {
                 g_string_append_printf(r->record.tried, " (%s)", health_state_to_string(provider_state(px->routed)));
         }
         proxy_start_attempt(px, first);
+        proxy_start_comparisons(px, pick.route, compare);
 }
 
 const Handler proxy_handler = {

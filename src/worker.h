@@ -1,9 +1,11 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #pragma once
 
+#include "compare.h"
 #include "config.h"
 #include "curl-glue.h"
 #include "exchange.h"
+#include "mirror.h"
 #include "provider.h"
 #include "router.h"
 #include "stats.h"
@@ -20,6 +22,9 @@ typedef struct Worker {
         const Config *config;         /* the current snapshot; requests hold the provider set */
         ProviderSet *providers;
         Router *router;
+
+        MirrorPool *mirrors;          /* requests the router makes on its own behalf */
+        CompareStore *comparisons;
 
         Stats stats;
         usec_t started_usec;          /* CLOCK_MONOTONIC */
