@@ -158,9 +158,20 @@ static void proxy_on_response(Upstream *u, void *userdata) {
         px->upstream_headers = upstream_steal_headers(u);
 }
 
+/* The router's part and the provider's, for Server-Timing: until the provider was asked, and the
+ * provider's first byte of the attempt that answers. */
+static void proxy_note_timing(Proxy *px, Upstream *u) {
+        RequestRecord *rec = &px->request->record;
+        usec_t started = upstream_started(u), first = upstream_first_byte(u);
+
+        if (first != USEC_INFINITY && first >= started)
+                rec->provider_ttfb_usec = first - started;
+}
+
 static void proxy_commit_stream(Proxy *px, Upstream *u) {
         px->committed = true;
         upstream_mark_first_byte(u);
+        proxy_note_timing(px, u);
         add_upstream_headers(px, true);
         request_stream_begin(px->request, px->upstream_status);
 }
@@ -447,6 +458,7 @@ static void proxy_on_done(Upstream *u, UpstreamError error, const char *message,
                 else if (error == UPSTREAM_OK)
                         provider_record_success(p);
 
+                proxy_note_timing(px, u);
                 if (error != UPSTREAM_OK)
                         proxy_respond_failure(px, error, message);
                 else
@@ -539,6 +551,11 @@ static void proxy_start_attempt(Proxy *px, Provider *p) {
         };
 
         k = upstream_start(w->curl, w->event, &req, &proxy_ops, px, &px->upstream);
+        if (k >= 0 && rec->router_usec == USEC_INFINITY) {
+                /* Reading, checking and routing the request: the router's own time. */
+                usec_t started = upstream_started(px->upstream);
+                rec->router_usec = started > rec->start ? started - rec->start : 0;
+        }
         if (k < 0) {
                 log_warning_errno(k, "%s: failed to start a transfer to provider '%s': %m", rec->request_id, p->name);
                 rec->error_class = ERROR_CLASS_INTERNAL;

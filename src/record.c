@@ -7,6 +7,8 @@ void record_init(RequestRecord *r, usec_t start) {
         *r = (RequestRecord) {
                 .start = start,
                 .ttfb = USEC_INFINITY,
+                .router_usec = USEC_INFINITY,
+                .provider_ttfb_usec = USEC_INFINITY,
                 .prompt_tokens = UINT64_MAX,
                 .error_class = ERROR_CLASS_NONE,
         };

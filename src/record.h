@@ -31,6 +31,8 @@ typedef struct RequestRecord {
         char *error_message;
         unsigned attempts;
         GString *tried;              /* "a, b": set once more than one provider was tried or skipped */
+        usec_t router_usec;          /* Server-Timing: the router's own time before the provider was asked */
+        usec_t provider_ttfb_usec;   /* Server-Timing: the answering provider's time to first byte; USEC_INFINITY if none */
         char *response_body;         /* LogResponses=true */
         size_t response_body_size;
 } RequestRecord;

@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #include <stdarg.h>
+#include <stdio.h>
 
 #include "json-util.h"
 #include "request.h"
@@ -51,10 +52,32 @@ const char *request_header(Request *r, const char *name) {
         return exchange_header(r->exchange, name);
 }
 
+/* W3C Server-Timing: what the router itself took (until it asked the provider, or until it
+ * answered, when it answered alone) and the answering provider's time to first byte. */
+static void request_add_server_timing(Request *r) {
+        const RequestRecord *rec = &r->record;
+        usec_t router = rec->router_usec;
+        char value[128];
+
+        if (router == USEC_INFINITY) {
+                /* Answered alone: all of it is the router's (a real clock: the loop's time
+                 * stands still while one event is handled). */
+                usec_t now = now_usec(CLOCK_MONOTONIC);
+                router = now > rec->start ? now - rec->start : 0;
+        }
+        if (rec->provider_ttfb_usec != USEC_INFINITY)
+                (void) snprintf(value, sizeof(value), "router;dur=%.3f, provider;dur=%.3f;desc=\"first byte\"",
+                                (double) router / USEC_PER_MSEC, (double) rec->provider_ttfb_usec / USEC_PER_MSEC);
+        else
+                (void) snprintf(value, sizeof(value), "router;dur=%.3f", (double) router / USEC_PER_MSEC);
+        exchange_add_header(r->exchange, "Server-Timing", value);
+}
+
 static void request_add_common_headers(Request *r) {
         Exchange *x = r->exchange;
         const char *origin = r->worker->config->cors_allow_origin;
 
+        request_add_server_timing(r);
         exchange_add_header(x, "X-Request-Id", r->record.request_id);
         if (r->record.provider)
                 exchange_add_header(x, "X-Provider", r->record.provider);

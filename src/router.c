@@ -49,6 +49,7 @@ static Route *route_new(Router *r, const char *model, Provider *const *providers
         Route *rt = g_new0(Route, 1);
 
         g_assert(n > 0);
+        rt->router = r;
         rt->model = g_strdup(model);
         rt->arms = g_new0(RouteArm, n);
         rt->n_arms = n;
@@ -60,8 +61,9 @@ static Route *route_new(Router *r, const char *model, Provider *const *providers
                 };
                 rt->total_weight += rt->arms[i].weight;
         }
-        /* A change keeps the route's place in listings, and its sticky key and mirrors. */
-        rt->seq = carry ? carry->seq : r->next_seq++;
+        /* A change keeps the route's place in listings, and its sticky key and mirrors (routes
+         * made anew from the configuration are placed by router_new() instead). */
+        rt->seq = carry && carry->router == r ? carry->seq : r->next_seq++;
         if (carry) {
                 rt->sticky = carry->sticky;
                 rt->sticky_header = g_strdup(carry->sticky_header);

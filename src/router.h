@@ -20,7 +20,10 @@ typedef struct RouteArm {
 
 /* Who serves a model: one provider, or several by weight (an A/B split), how a conversation
  * sticks to one arm, and who else is asked for comparison. */
+typedef struct Router Router;
+
 typedef struct Route {
+        const Router *router;      /* the table it belongs to */
         char *model;               /* "*" for the default route */
         RouteArm *arms;
         unsigned n_arms;
@@ -35,13 +38,13 @@ typedef struct Route {
 /* The routing table: who serves which request. Made from the configuration over one provider
  * set, replaced as a whole on reload, changed in place by D-Bus calls; a request resolves its
  * provider once, so later changes never touch it. */
-typedef struct Router {
+struct Router {
         ProviderSet *providers;    /* ref */
         Route *default_route;
         GHashTable *routes;        /* model → Route* (owned) */
         uint64_t next_seq;
         bool allow_override;
-} Router;
+};
 
 /* previous may be NULL; arms that exist in both keep their statistics. */
 Router *router_new(const Config *c, ProviderSet *providers, const Router *previous);

@@ -76,6 +76,107 @@ static void metric_header(GString *s, const char *name, const char *type, const 
         g_string_append_printf(s, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
+/* A label value: backslash, double quote and newline escaped, as the text format says. */
+static void append_label(GString *s, const char *value) {
+        for (const char *p = value; *p; p++) {
+                if (*p == '\\' || *p == '"')
+                        g_string_append_c(s, '\\');
+                if (*p == '\n')
+                        g_string_append(s, "\\n");
+                else
+                        g_string_append_c(s, *p);
+        }
+}
+
+static void route_labels(GString *s, const char *name, const Route *rt, const RouteArm *a) {
+        g_string_append_printf(s, "%s{model=\"", name);
+        append_label(s, rt->model);
+        g_string_append_printf(s, "\",provider=\"%s\"}", a->provider->name);
+}
+
+/* Per (model, provider) arm of each route. */
+static void metrics_routes(GString *s, Worker *w) {
+        g_autofree const Route **routes = NULL;
+        unsigned n;
+
+        routes = router_routes(w->router, &n);
+#define FOR_EACH_ARM(rt, a)                                                                            \
+        for (int _i = -1; _i < (int) n; _i++)                                                          \
+                for (const Route *rt = _i < 0 ? w->router->default_route : routes[_i]; rt; rt = NULL)   \
+                        for (unsigned _j = 0; _j < rt->n_arms; _j++)                                    \
+                                for (const RouteArm *a = &rt->arms[_j]; a; a = NULL)
+
+        metric_header(s, "provider_router_route_requests_total", "counter", "Requests routed by each arm of a route.");
+        FOR_EACH_ARM(rt, a) {
+                route_labels(s, "provider_router_route_requests_total", rt, a);
+                g_string_append_printf(s, " %" PRIu64 "\n", a->stats->requests);
+        }
+        metric_header(s, "provider_router_route_errors_total", "counter", "Failed requests of each arm of a route.");
+        FOR_EACH_ARM(rt, a) {
+                route_labels(s, "provider_router_route_errors_total", rt, a);
+                g_string_append_printf(s, " %" PRIu64 "\n", a->stats->errors);
+        }
+        metric_header(s, "provider_router_route_weight", "gauge", "The weight of each arm of a route.");
+        FOR_EACH_ARM(rt, a) {
+                route_labels(s, "provider_router_route_weight", rt, a);
+                g_string_append_printf(s, " %u\n", a->weight);
+        }
+        metric_header(s, "provider_router_route_first_byte_seconds_p50", "gauge", "Median time to first byte per arm.");
+        FOR_EACH_ARM(rt, a) {
+                route_labels(s, "provider_router_route_first_byte_seconds_p50", rt, a);
+                g_string_append_printf(s, " %.6f\n", (double) histogram_percentile(&a->stats->ttfb, 0.5) / USEC_PER_SEC);
+        }
+        metric_header(s, "provider_router_route_duration_seconds_p50", "gauge", "Median request duration per arm.");
+        FOR_EACH_ARM(rt, a) {
+                route_labels(s, "provider_router_route_duration_seconds_p50", rt, a);
+                g_string_append_printf(s, " %.6f\n", (double) histogram_percentile(&a->stats->latency, 0.5) / USEC_PER_SEC);
+        }
+        metric_header(s, "provider_router_route_tokens_per_second_p50", "gauge",
+                      "Median completion tokens per second after the first byte, per arm.");
+        FOR_EACH_ARM(rt, a) {
+                route_labels(s, "provider_router_route_tokens_per_second_p50", rt, a);
+                g_string_append_printf(s, " %.2f\n", (double) histogram_percentile(&a->stats->speed, 0.5) / 100.0);
+        }
+#undef FOR_EACH_ARM
+}
+
+/* Per (primary, mirror) pair of compared providers. */
+static void metrics_comparisons(GString *s, Worker *w) {
+        const GPtrArray *pairs = compare_store_pairs(w->comparisons);
+
+        metric_header(s, "provider_router_comparisons_total", "counter", "Comparisons recorded per pair of providers.");
+        for (guint i = 0; i < pairs->len; i++) {
+                const ComparePair *p = pairs->pdata[i];
+                g_string_append_printf(s, "provider_router_comparisons_total{primary=\"%s\",mirror=\"%s\"} %" PRIu64 "\n",
+                                       p->primary, p->mirror, p->count);
+        }
+        metric_header(s, "provider_router_comparison_similarity_p50", "gauge",
+                      "Median similarity of the two answers' texts (0-1) over the pair's last comparisons.");
+        for (guint i = 0; i < pairs->len; i++) {
+                const ComparePair *p = pairs->pdata[i];
+                g_string_append_printf(s, "provider_router_comparison_similarity_p50{primary=\"%s\",mirror=\"%s\"} %.4f\n",
+                                       p->primary, p->mirror, compare_pair_similarity_median(p));
+        }
+        metric_header(s, "provider_router_comparison_duration_delta_seconds_p50", "gauge",
+                      "Median of the mirror's duration minus the primary's.");
+        for (guint i = 0; i < pairs->len; i++) {
+                const ComparePair *p = pairs->pdata[i];
+                g_string_append_printf(s, "provider_router_comparison_duration_delta_seconds_p50{primary=\"%s\",mirror=\"%s\"} %.6f\n",
+                                       p->primary, p->mirror, (double) compare_pair_latency_delta_median(p) / USEC_PER_SEC);
+        }
+        metric_header(s, "provider_router_comparison_errors_total", "counter", "Failed answers in comparisons, by side.");
+        for (guint i = 0; i < pairs->len; i++) {
+                const ComparePair *p = pairs->pdata[i];
+                g_string_append_printf(s, "provider_router_comparison_errors_total{primary=\"%s\",mirror=\"%s\",side=\"primary\"} %" PRIu64 "\n",
+                                       p->primary, p->mirror, p->primary_errors);
+                g_string_append_printf(s, "provider_router_comparison_errors_total{primary=\"%s\",mirror=\"%s\",side=\"mirror\"} %" PRIu64 "\n",
+                                       p->primary, p->mirror, p->mirror_errors);
+        }
+        metric_header(s, "provider_router_mirrors_skipped_total", "counter",
+                      "Mirrors skipped because MirrorMaxConcurrent= of them were running, or their provider could not take them.");
+        g_string_append_printf(s, "provider_router_mirrors_skipped_total %" PRIu64 "\n", compare_store_skipped(w->comparisons));
+}
+
 static void metrics_start(Request *r) {
         Worker *w = r->worker;
         GString *s = g_string_sized_new(4096);
@@ -140,6 +241,8 @@ static void metrics_start(Request *r) {
         metric_header(s, "provider_router_http_requests_total", "counter", "HTTP requests of any kind.");
         g_string_append_printf(s, "provider_router_http_requests_total %" PRIu64 "\n", w->stats.http_requests);
 #undef FOR_EACH_PROVIDER
+        metrics_routes(s, w);
+        metrics_comparisons(s, w);
 
         size = s->len;
         exchange_add_header(r->exchange, "Content-Type", "text/plain; version=0.0.4; charset=utf-8");

@@ -418,6 +418,14 @@ void upstream_mark_first_byte(Upstream *u) {
                 (void) sd_event_source_set_time(u->timer, upstream_deadline(u));
 }
 
+usec_t upstream_started(Upstream *u) {
+        return u->started;
+}
+
+usec_t upstream_first_byte(Upstream *u) {
+        return u->first_byte;
+}
+
 bool upstream_is_paused(Upstream *u) {
         return u->paused;
 }

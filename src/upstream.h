@@ -61,6 +61,9 @@ GPtrArray *upstream_steal_headers(Upstream *u);
  * ends the first-byte timeout; other transfers begin with their first body byte. */
 void upstream_mark_first_byte(Upstream *u);
 bool upstream_is_paused(Upstream *u);
+/* CLOCK_MONOTONIC: when the transfer was started, and its first byte (USEC_INFINITY if none). */
+usec_t upstream_started(Upstream *u);
+usec_t upstream_first_byte(Upstream *u);
 
 typedef enum UpstreamHeadLine {
         UPSTREAM_HEAD_STATUS,   /* "HTTP/1.1 200 OK" */

@@ -14,7 +14,8 @@
  *   drop_after          close the connection after N content frames, without the last chunk
  *   garbage             200 with a body that is not JSON
  *   size                pad the answer's content to about N bytes
- *   tool_calls          answer with a tool call (streamed as tool-call deltas)
+ *   tool_calls          answer with a tool call (streamed as tool-call deltas); also the
+ *                       default when the request offers "tools" (tool_choice not "none")
  *   retry_after         add a Retry-After header
  *   content_type        override the Content-Type of the answer
  *
@@ -700,12 +701,18 @@ static enum MHD_Result handle_chat(struct MHD_Connection *conn, Ctx *c) {
         c->frames = MAX(count_words(c->text), 1u);
         c->drop_after = -1;
 
+        /* A request offering tools gets a tool call, as from a model that chose one. */
+        n = json_object_get_member(o, "tools");
+        if (n && JSON_NODE_HOLDS_ARRAY(n) && json_array_get_length(json_node_get_array(n)) > 0 &&
+            g_strcmp0(json_object_get_string_member_with_default(o, "tool_choice", ""), "none") != 0)
+                c->tool_calls = true;
+
         if (mock) {
                 c->frames = (unsigned) member_int(mock, "frames", c->frames, 0, MAX_FRAMES);
                 c->frame_delay_ms = (unsigned) member_int(mock, "frame_delay_ms", 0, 0, MAX_DELAY_MS);
                 c->drop_after = (long) member_int(mock, "drop_after", -1, -1, MAX_FRAMES);
                 c->size = (uint64_t) member_int(mock, "size", 0, 0, (int64_t) MAX_SIZE);
-                c->tool_calls = member_int(mock, "tool_calls", 0, 0, 1) != 0;
+                c->tool_calls = member_int(mock, "tool_calls", c->tool_calls, 0, 1) != 0;
                 if (json_object_has_member(mock, "content_type"))
                         c->content_type = g_strdup(json_object_get_string_member_with_default(mock, "content_type", NULL));
                 n = json_object_get_member(mock, "retry_after");
