@@ -1,4 +1,5 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
 
@@ -65,11 +66,14 @@ static void request_add_server_timing(Request *r) {
                 usec_t now = now_usec(CLOCK_MONOTONIC);
                 router = now > rec->start ? now - rec->start : 0;
         }
+        /* Milliseconds with three decimals, in integers: no floating-point printf per request. */
         if (rec->provider_ttfb_usec != USEC_INFINITY)
-                (void) snprintf(value, sizeof(value), "router;dur=%.3f, provider;dur=%.3f;desc=\"first byte\"",
-                                (double) router / USEC_PER_MSEC, (double) rec->provider_ttfb_usec / USEC_PER_MSEC);
+                (void) snprintf(value, sizeof(value), "router;dur=%" PRIu64 ".%03u, provider;dur=%" PRIu64 ".%03u;desc=\"first byte\"",
+                                router / USEC_PER_MSEC, (unsigned) (router % USEC_PER_MSEC),
+                                rec->provider_ttfb_usec / USEC_PER_MSEC, (unsigned) (rec->provider_ttfb_usec % USEC_PER_MSEC));
         else
-                (void) snprintf(value, sizeof(value), "router;dur=%.3f", (double) router / USEC_PER_MSEC);
+                (void) snprintf(value, sizeof(value), "router;dur=%" PRIu64 ".%03u", router / USEC_PER_MSEC,
+                                (unsigned) (router % USEC_PER_MSEC));
         exchange_add_header(r->exchange, "Server-Timing", value);
 }
 
