@@ -49,6 +49,17 @@ static ProviderConfig *provider_config_free(ProviderConfig *p) {
         g_strfreev(p->fallbacks);
         if (p->aliases)
                 g_hash_table_unref(p->aliases);
+        g_free(p->ca_file);
+        g_free(p->client_cert_file);
+        g_free(p->client_key_file);
+        g_free(p->client_cert_credential);
+        g_free(p->client_key_credential);
+        g_free(p->client_cert_blob);
+        if (p->client_key_blob) {
+                explicit_bzero(p->client_key_blob, p->client_key_blob_size);
+                g_free(p->client_key_blob);
+        }
+        g_free(p->proxy);
         g_free(p);
         return NULL;
 }
@@ -660,6 +671,70 @@ static ProviderConfig *parser_get_provider(Parser *p, const char *name) {
         return config_add_provider(p->config, provider_config_new(name));
 }
 
+static bool proxy_url_is_valid(const char *url) {
+        static const char *const schemes[] = { "http", "https", "socks4", "socks4a", "socks5", "socks5h" };
+        g_autoptr(CURLU) u = NULL;
+        char *scheme = NULL, *host = NULL;
+        bool ok = false;
+
+        if (strlen(url) > 2048 || !strstr(url, "://"))
+                return false;
+        u = curl_url();
+        if (!u || curl_url_set(u, CURLUPART_URL, url, CURLU_NON_SUPPORT_SCHEME) != CURLUE_OK)
+                return false;
+        if (curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK)
+                for (size_t i = 0; i < ELEMENTSOF(schemes); i++)
+                        ok = ok || streq(scheme, schemes[i]);
+        curl_free(scheme);
+        if (curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK)
+                return false;
+        ok = ok && !isempty(host);
+        curl_free(host);
+        return ok;
+}
+
+/* CAFile=, the client certificate and Proxy= of a [Provider] group: read here, checked in
+ * resolve_tls() once every file is parsed. Returns false for a key that is none of them. */
+static bool parse_provider_tls_key(Parser *p, const char *group, ProviderConfig *pc, const char *key, const char *v) {
+        char **path_field = NULL, **credential_field = NULL;
+
+        if (streq(key, "CAFile"))
+                path_field = &pc->ca_file;
+        else if (streq(key, "ClientCertificateFile"))
+                path_field = &pc->client_cert_file;
+        else if (streq(key, "ClientKeyFile"))
+                path_field = &pc->client_key_file;
+        else if (streq(key, "ClientCertificateCredential"))
+                credential_field = &pc->client_cert_credential;
+        else if (streq(key, "ClientKeyCredential"))
+                credential_field = &pc->client_key_credential;
+        else if (streq(key, "Proxy")) {
+                /* Empty is a choice too: no proxy, whatever the environment says. */
+                if (!isempty(v) && !proxy_url_is_valid(v)) {
+                        parser_error(p, "%s: [%s] Proxy='%s' is not a proxy URL (http://, https://, socks5://HOST:PORT)",
+                                     p->source, group, v);
+                        return true;
+                }
+                set_string(&pc->proxy, v);
+                pc->proxy_set = true;
+                return true;
+        } else
+                return false;
+
+        if (path_field) {
+                if (!isempty(v) && v[0] != '/')
+                        parser_error(p, "%s: [%s] %s='%s' must be an absolute path", p->source, group, key, v);
+                else
+                        set_string(path_field, v);
+        } else {
+                if (!isempty(v) && (strchr(v, '/') || streq(v, ".") || streq(v, "..")))
+                        parser_error(p, "%s: [%s] %s='%s' must be a credential name, not a path", p->source, group, key, v);
+                else
+                        set_string(credential_field, v);
+        }
+        return true;
+}
+
 static void parse_provider_group(Parser *p, GKeyFile *kf, const char *group, const char *name) {
         g_auto(GStrv) keys = g_key_file_get_keys(kf, group, NULL, NULL);
         ProviderConfig *pc;
@@ -741,7 +816,7 @@ static void parse_provider_group(Parser *p, GKeyFile *kf, const char *group, con
                 } else if (streq(key, "MaxRetries")) {
                         if (parse_unsigned(v, 0, 10, &pc->max_retries) < 0)
                                 parser_error(p, "%s: [%s] MaxRetries='%s' must be between 0 and 10", p->source, group, v);
-                } else
+                } else if (!parse_provider_tls_key(p, group, pc, key, v))
                         parser_warning(p, "%s: unknown key '%s' in [%s], ignoring", p->source, key, group);
         }
 }
@@ -1250,6 +1325,94 @@ static void resolve_secret(Parser *p, ProviderConfig *pc, const ConfigSources *s
         }
 }
 
+#define TLS_FILE_MAX (16U * 1024 * 1024)
+
+/* Reads one PEM file of a provider's TLS settings (a CA bundle, a certificate, a key); NULL after
+ * reporting why not. what names the setting, as the user wrote it. With secret, a file readable
+ * by everyone is refused, and the contents are the caller's to wipe. */
+static char *read_pem(Parser *p, const ProviderConfig *pc, const char *what, const char *path, bool secret,
+                      size_t *ret_size) {
+        char *contents = NULL;
+        size_t n = 0;
+        int r;
+
+        r = read_regular_file(path, TLS_FILE_MAX, secret, &contents, &n);
+        if (r == -EPERM) {
+                parser_error(p, "provider '%s': %s is readable by everyone; make it private (chmod o-r) or use a "
+                             "credential", pc->name, what);
+                return NULL;
+        }
+        if (r < 0) {
+                parser_error(p, "provider '%s': cannot read %s: %s", pc->name, what, read_error_to_string(r));
+                return NULL;
+        }
+        if (!strstr(contents, "-----BEGIN ")) {
+                parser_error(p, "provider '%s': %s holds no PEM data (-----BEGIN …)", pc->name, what);
+                explicit_bzero(contents, n);
+                g_free(contents);
+                return NULL;
+        }
+        if (ret_size)
+                *ret_size = n;
+        return contents;
+}
+
+static void read_pem_check(Parser *p, const ProviderConfig *pc, const char *key, const char *path, bool secret) {
+        g_autofree char *what = g_strdup_printf("%s='%s'", key, path);
+        size_t n = 0;
+        char *contents = read_pem(p, pc, what, path, secret, &n);
+
+        if (contents) {
+                explicit_bzero(contents, n);
+                g_free(contents);
+        }
+}
+
+static char *read_pem_credential(Parser *p, const ProviderConfig *pc, const ConfigSources *src, const char *key,
+                                 const char *name, size_t *ret_size) {
+        g_autofree char *what = g_strdup_printf("%s='%s'", key, name);
+        g_autofree char *path = NULL;
+
+        if (!src->credentials_dir) {
+                parser_error(p, "provider '%s': %s is set but no credentials were passed ($CREDENTIALS_DIRECTORY is unset)",
+                             pc->name, what);
+                return NULL;
+        }
+        path = g_build_filename(src->credentials_dir, name, NULL);
+        return read_pem(p, pc, what, path, false, ret_size);
+}
+
+/* CAFile= and the client certificate: every file is read now, so that a missing or loose one is
+ * an error of the configuration, not a failed handshake later. Certificates and keys from
+ * credentials are kept in memory (the credential directory may not outlive the start). */
+static void resolve_tls(Parser *p, ProviderConfig *pc, const ConfigSources *src) {
+        bool have_cert = pc->client_cert_file || pc->client_cert_credential;
+        bool have_key = pc->client_key_file || pc->client_key_credential;
+
+        if (pc->ca_file)
+                read_pem_check(p, pc, "CAFile", pc->ca_file, false);
+
+        if (pc->client_cert_file && pc->client_cert_credential)
+                parser_error(p, "provider '%s': set ClientCertificateFile= or ClientCertificateCredential=, not both",
+                             pc->name);
+        if (pc->client_key_file && pc->client_key_credential)
+                parser_error(p, "provider '%s': set ClientKeyFile= or ClientKeyCredential=, not both", pc->name);
+        if (have_key && !have_cert)
+                parser_error(p, "provider '%s': a client key (ClientKeyFile=/ClientKeyCredential=) needs a client "
+                             "certificate (ClientCertificateFile=/ClientCertificateCredential=)", pc->name);
+
+        if (pc->client_cert_file)
+                read_pem_check(p, pc, "ClientCertificateFile", pc->client_cert_file, false);
+        if (pc->client_key_file)
+                read_pem_check(p, pc, "ClientKeyFile", pc->client_key_file, true);
+        if (pc->client_cert_credential)
+                pc->client_cert_blob = read_pem_credential(p, pc, src, "ClientCertificateCredential",
+                                                           pc->client_cert_credential, &pc->client_cert_blob_size);
+        if (pc->client_key_credential)
+                pc->client_key_blob = read_pem_credential(p, pc, src, "ClientKeyCredential", pc->client_key_credential,
+                                                          &pc->client_key_blob_size);
+}
+
 static char *provider_names(const Config *c) {
         g_autoptr(GString) s = g_string_new(NULL);
         for (guint i = 0; i < c->providers->len; i++) {
@@ -1372,6 +1535,7 @@ static void validate(Parser *p, const ConfigSources *src) {
                 }
 
                 resolve_secret(p, pc, src, streq(pc->name, strempty(c->default_provider)));
+                resolve_tls(p, pc, src);
         }
 
         for (guint i = 0; i < c->mapping_order->len; i++) {

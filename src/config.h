@@ -43,6 +43,19 @@ typedef struct ProviderConfig {
         unsigned max_concurrent;   /* 0 = unlimited */
         unsigned max_retries;
         GHashTable *aliases;       /* [ModelAliases NAME]: client's model → this provider's; NULL if none */
+
+        /* TLS and proxy to the provider, checked at load */
+        char *ca_file;                 /* CAFile=: trusted instead of the system store */
+        char *client_cert_file;        /* ClientCertificateFile= */
+        char *client_key_file;         /* ClientKeyFile=, not readable by everyone */
+        char *client_cert_credential;  /* ClientCertificateCredential= */
+        char *client_key_credential;   /* ClientKeyCredential= */
+        char *client_cert_blob;        /* PEM, from the credential */
+        size_t client_cert_blob_size;
+        char *client_key_blob;         /* PEM, from the credential; a secret, wiped on free */
+        size_t client_key_blob_size;
+        char *proxy;                   /* Proxy=; with proxy_set and NULL: explicitly none */
+        bool proxy_set;                /* unset: libcurl's environment (HTTPS_PROXY, NO_PROXY…) */
 } ProviderConfig;
 
 ProviderConfig *provider_config_ref(ProviderConfig *p);

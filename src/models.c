@@ -255,6 +255,7 @@ static void models_start(Request *r) {
                         .connect_timeout = MIN(pc->connect_timeout_usec, MODELS_TIMEOUT_USEC),
                         .first_byte_timeout = MODELS_TIMEOUT_USEC,
                         .total_timeout = MODELS_TIMEOUT_USEC,
+                        .provider = pc,
                 };
                 k = upstream_start(w->curl, w->event, &req, &models_ops, f, &f->upstream);
                 if (k < 0) {

@@ -123,6 +123,7 @@ static int provider_on_probe_timer(sd_event_source *source, uint64_t usec, void 
                 .connect_timeout = MIN(c->connect_timeout_usec, HEALTH_PROBE_TIMEOUT_USEC),
                 .first_byte_timeout = HEALTH_PROBE_TIMEOUT_USEC,
                 .total_timeout = HEALTH_PROBE_TIMEOUT_USEC,
+                .provider = c,
         };
         provider_apply(p, health_probe_started(&p->health), NULL);
         r = upstream_start(s->setup.curl, s->setup.event, &req, &probe_ops, p, &p->probe);

@@ -548,6 +548,7 @@ static void proxy_start_attempt(Proxy *px, Provider *p) {
                 .first_byte_timeout = pc->first_byte_timeout_usec,
                 .total_timeout = pc->request_timeout_usec,
                 .idle_timeout = pc->idle_timeout_usec,
+                .provider = pc,
         };
 
         k = upstream_start(w->curl, w->event, &req, &proxy_ops, px, &px->upstream);

@@ -270,6 +270,30 @@ static size_t upstream_write_cb(char *ptr, size_t size, size_t nmemb, void *user
         return r;
 }
 
+/* How this provider is reached: whom to trust, what certificate to show, through which proxy. */
+static void upstream_apply_provider(CURL *e, const ProviderConfig *pc) {
+        if (!pc)
+                return;
+        if (pc->ca_file) {
+                /* Instead of the system store, not besides it. */
+                curl_easy_setopt(e, CURLOPT_CAINFO, pc->ca_file);
+                curl_easy_setopt(e, CURLOPT_CAPATH, NULL);
+        }
+        if (pc->client_cert_blob) {
+                struct curl_blob b = { pc->client_cert_blob, pc->client_cert_blob_size, CURL_BLOB_COPY };
+                curl_easy_setopt(e, CURLOPT_SSLCERT_BLOB, &b);
+        } else if (pc->client_cert_file)
+                curl_easy_setopt(e, CURLOPT_SSLCERT, pc->client_cert_file);
+        if (pc->client_key_blob) {
+                struct curl_blob b = { pc->client_key_blob, pc->client_key_blob_size, CURL_BLOB_COPY };
+                curl_easy_setopt(e, CURLOPT_SSLKEY_BLOB, &b);
+        } else if (pc->client_key_file)
+                curl_easy_setopt(e, CURLOPT_SSLKEY, pc->client_key_file);
+        /* Unset leaves libcurl to the environment (https_proxy, no_proxy…); empty means none. */
+        if (pc->proxy_set)
+                curl_easy_setopt(e, CURLOPT_PROXY, pc->proxy ?: "");
+}
+
 int upstream_start(CurlGlue *glue, sd_event *event, const UpstreamRequest *req, const UpstreamOps *ops,
                    void *userdata, Upstream **ret) {
         Upstream *u;
@@ -314,6 +338,7 @@ int upstream_start(CurlGlue *glue, sd_event *event, const UpstreamRequest *req, 
         curl_easy_setopt(e, CURLOPT_BUFFERSIZE, 8192L);
         curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
         curl_easy_setopt(e, CURLOPT_USERAGENT, "provider-router/" PACKAGE_VERSION);
+        upstream_apply_provider(e, req->provider);
         /* Never wait for "100 Continue": it costs a round trip. libcurl asks for it only for
          * bodies of 1 MiB and more, so only those need the header removed (each header costs
          * thousands of instructions in libcurl). Without Accept-Encoding the answer comes

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #pragma once
 
+#include "config.h"
 #include "curl-glue.h"
 #include "util.h"
 
@@ -44,6 +45,7 @@ typedef struct UpstreamRequest {
         usec_t first_byte_timeout;  /* until the first body byte */
         usec_t total_timeout;       /* for answers that are not streams */
         usec_t idle_timeout;        /* streams: longest silence after the first byte */
+        const ProviderConfig *provider; /* its CAFile=, client certificate and Proxy=; may be NULL */
 } UpstreamRequest;
 
 int upstream_start(CurlGlue *glue, sd_event *event, const UpstreamRequest *req, const UpstreamOps *ops,

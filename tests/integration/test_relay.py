@@ -520,7 +520,6 @@ class TlsTest(OddCase):
         self.assertEqual(self.tls.chats(), [])
         self.assert_still_serves(router)
 
-    @unittest.expectedFailure  # issue 10.10: no CAFile= key (ignored as unknown): 502 certificate problem
     def test_trusted_through_cafile(self):
         router = self.router_over({"tls": {"BaseURL": self.tls.base_url, "CAFile": self.pk.ca_cert}})
         self.assert_tls_ok(router)
@@ -541,7 +540,6 @@ class TlsTest(OddCase):
         os.chmod(path, mode)
         return path
 
-    @unittest.expectedFailure  # issue 10.10: no ClientCertificateFile=/ClientKeyFile=, no CAFile=: 502
     def test_client_certificate_files(self):
         strict = self.start_odd("strict", tls=self.pk.server_tls(require_client_cert=True))
         router = self.router_over({"strict": {
@@ -550,7 +548,6 @@ class TlsTest(OddCase):
         self.assert_tls_ok(router, "strict")
         self.assertEqual(strict.chats()[-1]["tls_client"]["commonName"], "provider-router test client")
 
-    @unittest.expectedFailure  # issue 10.10: no ClientCertificateCredential=/ClientKeyCredential=: 502
     def test_client_certificate_credentials(self):
         strict = self.start_odd("strict", tls=self.pk.server_tls(require_client_cert=True))
         creds = tempfile.mkdtemp(prefix="tls-creds-")
@@ -573,7 +570,6 @@ class TlsTest(OddCase):
         self.assertEqual(strict.chats(), [])
         self.assert_still_serves(router)
 
-    @unittest.expectedFailure  # issue 10.10: Proxy= is an unknown key, ignored: the provider is reached directly
     def test_per_provider_proxy_http(self):
         plain = self.start_odd("plain")
         proxy = self.start_proxy()
@@ -591,7 +587,6 @@ class TlsTest(OddCase):
         self.assert_no_proxy_headers(r.headers)
         self.assert_no_proxy_headers(s.headers)
 
-    @unittest.expectedFailure  # issue 10.10: 'Proxy=' (empty) is ignored: the environment's proxy is used
     def test_empty_proxy_overrides_environment(self):
         plain = self.start_odd("plain")
         proxy = self.start_proxy()
@@ -608,7 +603,6 @@ class TlsTest(OddCase):
             f.write(router_config(8080, {"tls": dict({"BaseURL": self.tls.base_url}, **spec)}))
         return run_check_config(path)
 
-    @unittest.expectedFailure  # issue 10.10: unknown keys are warnings: --check-config says OK
     def test_check_config_refuses_bad_tls_keys(self):
         loose = self.private_key_copy(0o644)
         for key, value, needle in (
@@ -626,7 +620,6 @@ class TlsTest(OddCase):
                 self.assertTrue(any(line.startswith("error:") and needle in line for line in err.splitlines()),
                                 "%s not reported as an error:\n%s" % (needle, err))
 
-    @unittest.expectedFailure  # issue 10.10: the keys are unknown: warned about and ignored
     def test_check_config_accepts_tls_keys(self):
         rc, out, err = self.check_config({
             "CAFile": self.pk.ca_cert, "ClientCertificateFile": self.pk.client_cert,

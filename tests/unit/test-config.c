@@ -1675,6 +1675,95 @@ START_TEST(test_man_page_defaults) {
 }
 END_TEST
 
+/* ---- TLS and proxy per provider -------------------------------------------------------- */
+
+#define PEM_CERT "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+#define PEM_KEY "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n"
+
+START_TEST(test_tls_keys_loaded) {
+        g_autofree char *ca = test_write_file(dir, "ca.pem", 0644, PEM_CERT);
+        g_autofree char *cert = test_write_file(dir, "client.pem", 0644, PEM_CERT);
+        g_autofree char *key = test_write_file(dir, "client.key", 0600, PEM_KEY);
+        g_autofree char *creds = g_build_filename(dir, "credentials", NULL);
+        g_autofree char *cred_cert = test_write_file(creds, "q-cert", 0644, PEM_CERT);
+        g_autofree char *cred_key = test_write_file(creds, "q-key", 0600, PEM_KEY);
+        g_autofree char *conf = g_strdup_printf(
+                "[Router]\nDefaultProvider=p\n"
+                "[Provider p]\nBaseURL=https://127.0.0.1:9/v1\nCAFile=%s\nClientCertificateFile=%s\n"
+                "ClientKeyFile=%s\nProxy=http://127.0.0.1:3128\n"
+                "[Provider q]\nBaseURL=https://127.0.0.1:9/v1\nClientCertificateCredential=q-cert\n"
+                "ClientKeyCredential=q-key\nProxy=\n"
+                "[Provider r]\nBaseURL=http://127.0.0.1:9/v1\nProxy=socks5h://[::1]:1080\n"
+                "[Provider s]\nBaseURL=http://127.0.0.1:9/v1\n",
+                ca, cert, key);
+        g_autofree char *path = write_conf("router.conf", conf);
+        ConfigSources src = { .path = path, .credentials_dir = creds };
+        g_autoptr(GPtrArray) warnings = NULL;
+        g_autoptr(Config) c = load_ok(&src, &warnings);
+        ProviderConfig *p = config_find_provider(c, "p"), *q = config_find_provider(c, "q");
+        ProviderConfig *r = config_find_provider(c, "r"), *s = config_find_provider(c, "s");
+
+        assert_n_messages(warnings, 0);
+        ck_assert_str_eq(p->ca_file, ca);
+        ck_assert_str_eq(p->client_cert_file, cert);
+        ck_assert_str_eq(p->client_key_file, key);
+        ck_assert_ptr_null(p->client_cert_blob);
+        ck_assert_ptr_null(p->client_key_blob);
+        ck_assert(p->proxy_set);
+        ck_assert_str_eq(p->proxy, "http://127.0.0.1:3128");
+
+        /* Credentials are read into memory. */
+        ck_assert_uint_eq(q->client_cert_blob_size, strlen(PEM_CERT));
+        ck_assert(memcmp(q->client_cert_blob, PEM_CERT, strlen(PEM_CERT)) == 0);
+        ck_assert_uint_eq(q->client_key_blob_size, strlen(PEM_KEY));
+        ck_assert(memcmp(q->client_key_blob, PEM_KEY, strlen(PEM_KEY)) == 0);
+        /* Proxy= empty: explicitly none; unset: the environment decides. */
+        ck_assert(q->proxy_set);
+        ck_assert_ptr_null(q->proxy);
+        ck_assert(r->proxy_set);
+        ck_assert_str_eq(r->proxy, "socks5h://[::1]:1080");
+        ck_assert(!s->proxy_set);
+        ck_assert_ptr_null(s->proxy);
+        ck_assert_ptr_null(s->ca_file);
+}
+END_TEST
+
+START_TEST(test_tls_keys_refused) {
+        g_autofree char *cert = test_write_file(dir, "client.pem", 0644, PEM_CERT);
+        g_autofree char *loose = test_write_file(dir, "loose.key", 0644, PEM_KEY);
+        g_autofree char *key = test_write_file(dir, "client.key", 0600, PEM_KEY);
+        g_autofree char *not_pem = test_write_file(dir, "ca.der", 0644, "\x30\x82 binary");
+        g_autofree char *conf = g_strdup_printf(
+                "[Router]\nDefaultProvider=a\n"
+                "[Provider a]\nBaseURL=https://127.0.0.1:9/v1\nCAFile=/nonexistent/ca.pem\n"
+                "[Provider b]\nBaseURL=https://127.0.0.1:9/v1\nCAFile=%s\n"
+                "[Provider c]\nBaseURL=https://127.0.0.1:9/v1\nClientCertificateFile=%s\nClientKeyFile=%s\n"
+                "[Provider d]\nBaseURL=https://127.0.0.1:9/v1\nClientKeyFile=%s\n"
+                "[Provider e]\nBaseURL=https://127.0.0.1:9/v1\nClientCertificateFile=%s\n"
+                "ClientCertificateCredential=e-cert\n"
+                "[Provider f]\nBaseURL=https://127.0.0.1:9/v1\nProxy=not a url\n"
+                "[Provider g]\nBaseURL=https://127.0.0.1:9/v1\nProxy=ftp://127.0.0.1:21\n"
+                "[Provider h]\nBaseURL=https://127.0.0.1:9/v1\nCAFile=relative/ca.pem\n"
+                "[Provider i]\nBaseURL=https://127.0.0.1:9/v1\nClientKeyCredential=../key\n",
+                not_pem, cert, loose, key, cert);
+        g_autofree char *path = write_conf("router.conf", conf);
+        ConfigSources src = { .path = path };
+        g_autoptr(GPtrArray) errors = load_fail(&src);
+
+        assert_message(errors, "'a'", "CAFile='/nonexistent/ca.pem'", "No such file");
+        assert_message(errors, "'b'", "CAFile=", "no PEM data");
+        assert_message(errors, "'c'", "ClientKeyFile=", loose, "readable by everyone");
+        assert_message(errors, "'d'", "needs a client certificate");
+        assert_message(errors, "'e'", "not both");
+        assert_message(errors, "'e'", "ClientCertificateCredential='e-cert'", "$CREDENTIALS_DIRECTORY is unset");
+        assert_message(errors, "[Provider f]", "Proxy='not a url'");
+        assert_message(errors, "[Provider g]", "Proxy='ftp://127.0.0.1:21'");
+        assert_message(errors, "[Provider h]", "CAFile='relative/ca.pem'", "absolute path");
+        assert_message(errors, "[Provider i]", "ClientKeyCredential='../key'", "credential name");
+        assert_n_messages(errors, 10);
+}
+END_TEST
+
 static Suite *config_suite(void) {
         Suite *s = suite_create("config");
         TCase *tc;
@@ -1746,6 +1835,12 @@ static Suite *config_suite(void) {
         tcase_add_test(tc, test_key_credential_and_env_with_line_break_refused);
         tcase_add_test(tc, test_client_tokens);
         tcase_add_test(tc, test_client_tokens_problems);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("tls");
+        tcase_add_checked_fixture(tc, setup, teardown);
+        tcase_add_test(tc, test_tls_keys_loaded);
+        tcase_add_test(tc, test_tls_keys_refused);
         suite_add_tcase(s, tc);
 
         tc = tcase_create("documentation");
