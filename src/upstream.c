@@ -326,6 +326,9 @@ int upstream_start(CurlGlue *glue, sd_event *event, const UpstreamRequest *req, 
         curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
         curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
         curl_easy_setopt(e, CURLOPT_ERRORBUFFER, u->error_buf);
+        /* Through an egress proxy's tunnel, its "200 Connection established" and headers are not
+         * the provider's answer: without this they would reach the header callback first. */
+        curl_easy_setopt(e, CURLOPT_SUPPRESS_CONNECT_HEADERS, 1L);
         curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, upstream_header_cb);
         curl_easy_setopt(e, CURLOPT_HEADERDATA, u);
         curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, upstream_write_cb);

@@ -577,7 +577,6 @@ class TlsTest(OddCase):
         self.assert_tls_ok(router, "plain")
         self.assertEqual(proxy.forwards(), [plain.base_url + "/chat/completions"] * 2)
 
-    @unittest.expectedFailure  # issue 10.10: Proxy= and CAFile= are unknown keys: 502 certificate problem
     def test_per_provider_proxy_tls(self):
         proxy = self.start_proxy()
         router = self.router_over({"tls": {"BaseURL": self.tls.base_url, "CAFile": self.pk.ca_cert,
@@ -648,7 +647,6 @@ class EgressProxyTest(OddCase):
         self.assert_events_spread(s, 0.4)
         self.assertEqual(self.proxy.forwards(), [odd.base_url + "/chat/completions"])
 
-    @unittest.expectedFailure  # issue 10.9 (and 10.10: no CAFile=, so TLS fails first with a 502)
     def test_connect_proxy_stream_event_by_event(self):
         pk = self.pki()
         tls = self.start_odd("tls", tls=pk.server_tls())
@@ -670,7 +668,6 @@ class EgressProxyTest(OddCase):
         self.assertEqual(r.header("X-Odd-Provider"), "tls")
         self.assertEqual(self.proxy.connects(), ["%s:%d" % (LOOPBACK, tls.port)] * 2)
 
-    @unittest.expectedFailure  # issue 10.9 (and 10.10: without CAFile= TLS fails at once, the hang is never reached)
     def test_connect_proxy_first_byte_failover(self):
         pk = self.pki()
         tls = self.start_odd("tls", tls=pk.server_tls())
