@@ -341,11 +341,14 @@ int upstream_start(CurlGlue *glue, sd_event *event, const UpstreamRequest *req, 
         curl_easy_setopt(e, CURLOPT_BUFFERSIZE, 8192L);
         curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
         curl_easy_setopt(e, CURLOPT_USERAGENT, "provider-router/" PACKAGE_VERSION);
+        /* libcurl offers every encoding it can decode and decodes: the router reads usage, SSE
+         * boundaries and sizes from the plain bytes, and relays them plain (never the
+         * provider's Content-Encoding or Content-Length, see header_is_passed()). */
+        curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "");
         upstream_apply_provider(e, req->provider);
         /* Never wait for "100 Continue": it costs a round trip. libcurl asks for it only for
          * bodies of 1 MiB and more, so only those need the header removed (each header costs
-         * thousands of instructions in libcurl). Without Accept-Encoding the answer comes
-         * uncompressed, as relayed. */
+         * thousands of instructions in libcurl). */
         if (req->post && req->body_size >= 1024 * 1024)
                 u->headers = curl_slist_append(u->headers, "Expect:");
         if (req->post) {

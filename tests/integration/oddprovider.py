@@ -63,6 +63,8 @@ LOOPBACK = "127.0.0.1"
 MODES = {
     "gzip": "Content-Encoding: gzip (answers and streams) when the request's Accept-Encoding allows it",
     "gzip-always": "Content-Encoding: gzip whatever the request's Accept-Encoding says",
+    "gzip-corrupt": "Content-Encoding: gzip, but what follows the first event (answers: the gzip header) "
+                    "is not gzip",
     "crlf": "SSE lines end in CR LF",
     "cr": "SSE lines end in a lone CR",
     "pad": "before the first data event, pad_bytes of ': xxx' comments of pad_comment bytes each",
@@ -274,10 +276,11 @@ class _Conn:
 class _Body:
     """Writes an answer body: gzip or not, chunked, or up to the close."""
 
-    def __init__(self, conn, chunked, gzip_on):
+    def __init__(self, conn, chunked, gzip_on, corrupt=False):
         self.conn = conn
         self.chunked = chunked
-        self.gz = zlib.compressobj(6, zlib.DEFLATED, 31) if gzip_on else None
+        self.gz = zlib.compressobj(6, zlib.DEFLATED, 31) if gzip_on or corrupt else None
+        self.corrupt = corrupt      # after the first piece, bytes that are not gzip
         self.plain = b""            # what was written, before encoding and framing
 
     def _frame(self, data):
@@ -288,6 +291,9 @@ class _Body:
         self.conn.send(data)
 
     def write(self, data):
+        if self.corrupt and self.plain:
+            self._frame(b"\xff" * max(len(data), 16))
+            return
         self.plain += data
         if self.gz:
             # A sync flush after each piece: every event can be decoded as soon as it is here.
@@ -295,7 +301,7 @@ class _Body:
         self._frame(data)
 
     def end(self):
-        if self.gz:
+        if self.gz and not self.corrupt:
             self._frame(self.gz.flush(zlib.Z_FINISH))
         if self.chunked:
             self.conn.send(b"0\r\n\r\n")
@@ -605,7 +611,10 @@ class OddProvider:
         out_version, _, eof, close = self._framing(version, modes, False, client_close)
         gzip_on = self._gzip(modes, h)
         wire = body
-        if gzip_on:
+        if "gzip-corrupt" in modes:
+            gzip_on = True
+            wire = zlib.compressobj(6, zlib.DEFLATED, 31).compress(body)[:10] + b"\xff" * 64
+        elif gzip_on:
             c = zlib.compressobj(6, zlib.DEFLATED, 31)
             wire = c.compress(body) + c.flush()
         with self.lock:
@@ -733,11 +742,12 @@ class OddProvider:
 
     def _stream(self, conn, record, version, data, modes, options, client_close, rid, h):
         out_version, chunked, eof, close = self._framing(version, modes, True, client_close)
-        gzip_on = self._gzip(modes, h)
+        corrupt = "gzip-corrupt" in modes
+        gzip_on = self._gzip(modes, h) or corrupt
         events = self._events(data, modes, options, rid)
         conn.send(self._head(out_version, 200, "text/event-stream", extra=[("Cache-Control", "no-cache")],
                              close=close, gzip_on=gzip_on, chunked=chunked, rid=rid))
-        w = _Body(conn, chunked, gzip_on)
+        w = _Body(conn, chunked, gzip_on, corrupt)
         with self.lock:
             record["status"] = 200
         try:

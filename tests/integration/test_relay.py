@@ -39,7 +39,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (LOOPBACK, SLOW, Router, RouterTestCase, chat_body, dump_logs,  # noqa: E402
-                     main, router_config, run_check_config, split_events)
+                     main, router_config, run_check_config, split_events, wait_until)
 from oddprovider import EgressProxy, OddProvider, OddProviderProcess, gzip_allowed  # noqa: E402
 import tlsutil  # noqa: E402
 
@@ -186,7 +186,10 @@ class OddProviderSelfTest(OddCase):
         c.request("POST", "/gzip/v1/chat/completions", json.dumps(body), {"Accept-Encoding": "gzip;q=0.5"})
         r = c.getresponse()
         self.assertEqual(r.getheader("Content-Encoding"), "gzip")
-        self.assertEqual(gzip.decompress(r.read()), answer_of(self.odd.chats()[-1]))
+        got = gzip.decompress(r.read())
+        # The provider notes what it sent once the last chunk is out, which may be after we read it.
+        wait_until(lambda: "answer_b64" in self.odd.chats()[-1], 10 * SLOW, what="the provider's record")
+        self.assertEqual(got, answer_of(self.odd.chats()[-1]))
         c.request("POST", "/gzip-always/v1/chat/completions", json.dumps(chat_body("hi")),
                   {"Accept-Encoding": "identity"})
         r = c.getresponse()
@@ -332,14 +335,16 @@ class RelayTest(OddCase):
         return self.router.chat(body, headers=headers)
 
     def last(self):
-        return self.odd.chats()[-1]
+        # The provider notes what it sent once its last byte is out, which may be just after the
+        # client read it.
+        return wait_until(lambda: (lambda c: c if c and "answer_b64" in c[-1] else None)(self.odd.chats()),
+                          10 * SLOW, what="the provider's record of its answer")[-1]
 
     def provider_data_events(self):
         return data_events(answer_of(self.last()))
 
     # item 1 -------------------------------------------------------------------------------------
 
-    @unittest.expectedFailure  # issue 10.1: gzip bytes relayed raw, Content-Encoding dropped
     def test_gzip_answer_decoded(self):
         before = self.metrics(self.router)
         r = self.chat("gzip-always")
@@ -363,7 +368,6 @@ class RelayTest(OddCase):
         self.assertEqual(s.content(), "odd: hello there")
         self.assertTrue(s.done() and s.complete)
 
-    @unittest.expectedFailure  # issue 10.1: a gzip stream reaches the client as raw gzip bytes
     def test_gzip_stream_decoded_event_by_event(self):
         before = self.metrics(self.router)
         s = self.chat({"modes": "gzip-always", "delay_ms": 300}, stream=True,
@@ -378,6 +382,27 @@ class RelayTest(OddCase):
         after = self.metrics(self.router)
         key = 'provider_router_tokens_total{provider="odd",type="completion"}'
         self.assertEqual(after[key] - before.get(key, 0), s.json_chunks()[-1]["usage"]["completion_tokens"])
+
+    def test_gzip_corrupt_answer_is_a_502(self):
+        r = self.chat("gzip-corrupt")
+        err = self.assert_error(r, 502, "connection_error", provider="odd")
+        self.assertIn("odd", err["message"])
+        self.assert_still_serves(self.router)
+
+    def test_gzip_corrupt_stream_ends_with_error_event(self):
+        before = self.stream_errors(self.router, "odd")
+        s = self.chat({"modes": "gzip-corrupt", "delay_ms": 100}, stream=True)
+        self.assertEqual(s.status, 200, s.raw[:300])
+        self.assertIsNone(s.header("Content-Encoding"))
+        got = data_events(s.raw)
+        # The first event as sent, decoded; then the router's error event, never gzip bytes.
+        self.assertEqual(got[0], self.provider_data_events()[0], s.raw)
+        self.assertEqual(len(got), 2, s.raw)
+        err = json.loads(got[1][5:])["error"]
+        self.assertEqual(err.get("provider"), "odd", err)
+        self.assertFalse(s.done())
+        self.assertEqual(self.stream_errors(self.router, "odd") - before, 1)
+        self.assert_still_serves(self.router)
 
     # item 6 -------------------------------------------------------------------------------------
 
