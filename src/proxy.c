@@ -486,6 +486,11 @@ static const UpstreamOps proxy_ops = {
         .on_done = proxy_on_done,
 };
 
+/* What the client sent reaches the provider (upstream.c drops what must not). */
+static void foreach_client_header(const void *x, UpstreamHeaderFunc func, void *userdata) {
+        exchange_foreach_header(x, func, userdata);
+}
+
 static void proxy_start_attempt(Proxy *px, Provider *p) {
         Request *r = px->request;
         Worker *w = r->worker;
@@ -543,6 +548,8 @@ static void proxy_start_attempt(Proxy *px, Provider *p) {
                 .api_key = pc->api_key,
                 .authorization = request_upstream_authorization(r, p),
                 .request_id = rec->request_id,
+                .client_headers = foreach_client_header,
+                .client = r->exchange,
                 .stream = px->info.stream,
                 .connect_timeout = pc->connect_timeout_usec,
                 .first_byte_timeout = pc->first_byte_timeout_usec,

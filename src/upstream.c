@@ -9,7 +9,8 @@ struct Upstream {
         CurlSlot slot;
         CurlGlue *glue;
         CURL *easy;
-        struct curl_slist *headers;
+        struct curl_slist *headers;   /* one block, see upstream_headers_new() */
+        size_t headers_size;
         const UpstreamOps *ops;
         void *userdata;
 
@@ -53,6 +54,191 @@ static bool header_is_passed(const char *name, size_t n) {
                 if (strlen(skip[i]) == n && g_ascii_strncasecmp(name, skip[i], n) == 0)
                         return false;
         return true;
+}
+
+static bool name_is(const char *name, size_t n, const char *lower) {
+        return strlen(lower) == n && g_ascii_strncasecmp(name, lower, n) == 0;
+}
+
+bool upstream_header_is_forwarded(const char *name, size_t n) {
+        static const char *const skip[] = {
+                /* hop-by-hop */
+                "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+                "upgrade", "proxy-authorization", "proxy-authenticate",
+                /* libcurl's: the target, the body's framing, the encodings it decodes */
+                "host", "content-length", "expect", "accept-encoding",
+                /* the router's own */
+                "x-provider", "x-compare", "x-request-id", "authorization",
+        };
+
+        /* Most headers are none of these: their lengths rule them out at once. */
+        if (n < 2 || n > STRLEN("proxy-authorization"))
+                return true;
+        for (size_t i = 0; i < ELEMENTSOF(skip); i++)
+                if (name_is(name, n, skip[i]))
+                        return false;
+        return true;
+}
+
+/* Is name one of the comma-separated tokens of a Connection: value? */
+static bool connection_names(const char *value, const char *name, size_t n) {
+        for (const char *p = value; *p;) {
+                const char *start, *end;
+
+                while (*p == ' ' || *p == '\t' || *p == ',')
+                        p++;
+                start = p;
+                while (*p && *p != ',')
+                        p++;
+                end = p;
+                while (end > start && (end[-1] == ' ' || end[-1] == '\t'))
+                        end--;
+                if ((size_t) (end - start) == n && g_ascii_strncasecmp(start, name, n) == 0)
+                        return true;
+        }
+        return false;
+}
+
+typedef struct HeaderBuild {
+        const UpstreamRequest *req;
+        /* counted first */
+        size_t n_lines;
+        size_t n_bytes;
+        const char **connection;     /* values of the client's Connection: headers */
+        size_t n_connection;
+        size_t connection_alloc;
+        const char *connection_buf[4];
+        /* then written */
+        struct curl_slist *nodes;
+        size_t n_nodes;
+        char *strings, *strings_end;
+        bool have_user_agent, have_accept, have_content_type;
+} HeaderBuild;
+
+static bool header_count(const char *name, const char *value, void *userdata) {
+        HeaderBuild *b = userdata;
+        size_t n = strlen(name);
+
+        if (name_is(name, n, "connection")) {
+                if (b->n_connection == b->connection_alloc) {
+                        b->connection_alloc *= 2;
+                        if (b->connection == b->connection_buf)
+                                b->connection = g_memdup2(b->connection_buf, sizeof(b->connection_buf));
+                        b->connection = g_renew(const char *, b->connection, b->connection_alloc);
+                }
+                b->connection[b->n_connection++] = value;
+                return true;
+        }
+        if (!upstream_header_is_forwarded(name, n))
+                return true;
+        b->n_lines++;
+        b->n_bytes += n + STRLEN(": ") + strlen(value) + 1;
+        return true;
+}
+
+static void header_add(HeaderBuild *b, const char *name, size_t n, const char *sep, const char *value) {
+        size_t s = strlen(sep), v = strlen(value);
+        struct curl_slist *node = &b->nodes[b->n_nodes];
+        char *p = b->strings;
+
+        g_assert(b->strings + n + s + v + 1 <= b->strings_end);
+        memcpy(p, name, n);
+        memcpy(p + n, sep, s);
+        memcpy(p + n + s, value, v);
+        p[n + s + v] = 0;
+        b->strings += n + s + v + 1;
+
+        *node = (struct curl_slist) { .data = p };
+        if (b->n_nodes > 0)
+                b->nodes[b->n_nodes - 1].next = node;
+        b->n_nodes++;
+}
+
+static bool header_write(const char *name, const char *value, void *userdata) {
+        HeaderBuild *b = userdata;
+        size_t n = strlen(name);
+
+        if (!upstream_header_is_forwarded(name, n))
+                return true;
+        for (size_t i = 0; i < b->n_connection; i++)
+                if (connection_names(b->connection[i], name, n))
+                        return true;
+
+        if (name_is(name, n, "user-agent"))
+                b->have_user_agent = true;
+        else if (name_is(name, n, "accept"))
+                b->have_accept = true;
+        else if (name_is(name, n, "content-type"))
+                b->have_content_type = true;
+        /* "Name;" is how libcurl is told to send a header with an empty value. */
+        header_add(b, name, n, *value ? ": " : ";", value);
+        return true;
+}
+
+/* The router's own lines, besides the client's: at most this many. */
+#define ROUTER_LINES 6
+#define ROUTER_USER_AGENT "provider-router/" PACKAGE_VERSION
+
+struct curl_slist *upstream_headers_new(const UpstreamRequest *req, size_t *ret_size) {
+        HeaderBuild b = { .req = req, .connection_alloc = ELEMENTSOF(b.connection_buf) };
+        size_t size, router_bytes = 0;
+        char *block;
+
+        b.connection = b.connection_buf;
+        if (req->client_headers)
+                req->client_headers(req->client, header_count, &b);
+
+        router_bytes += STRLEN("Expect:") + 1;
+        router_bytes += STRLEN("Content-Type: application/json") + 1;
+        router_bytes += STRLEN("Accept: text/event-stream") + 1;
+        router_bytes += STRLEN("User-Agent: " ROUTER_USER_AGENT) + 1;
+        if (req->api_key)
+                router_bytes += STRLEN("Authorization: Bearer ") + strlen(req->api_key) + 1;
+        else if (req->authorization)
+                router_bytes += STRLEN("Authorization: ") + strlen(req->authorization) + 1;
+        if (req->request_id)
+                router_bytes += STRLEN("X-Request-Id: ") + strlen(req->request_id) + 1;
+
+        /* One block: the nodes first (so the list starts the block), then their strings. */
+        size = (b.n_lines + ROUTER_LINES) * sizeof(struct curl_slist) + b.n_bytes + router_bytes;
+        block = g_malloc(size);
+        b.nodes = (struct curl_slist *) block;
+        b.strings = block + (b.n_lines + ROUTER_LINES) * sizeof(struct curl_slist);
+        b.strings_end = block + size;
+
+        if (req->client_headers)
+                req->client_headers(req->client, header_write, &b);
+        if (b.connection != b.connection_buf)
+                g_free(b.connection);
+
+        /* Never wait for "100 Continue": it costs a round trip. libcurl asks for it only for
+         * bodies of 1 MiB and more, so only those need the header removed. */
+        if (req->post && req->body_size >= 1024 * 1024)
+                header_add(&b, "Expect", STRLEN("Expect"), ":", "");
+        if (req->post && !b.have_content_type)
+                header_add(&b, "Content-Type", STRLEN("Content-Type"), ": ", "application/json");
+        if (!b.have_accept)
+                header_add(&b, "Accept", STRLEN("Accept"), ": ", req->stream ? "text/event-stream" : "application/json");
+        if (!b.have_user_agent)
+                header_add(&b, "User-Agent", STRLEN("User-Agent"), ": ", ROUTER_USER_AGENT);
+        if (req->api_key) {
+                header_add(&b, "Authorization", STRLEN("Authorization"), ": Bearer ", req->api_key);
+        } else if (req->authorization)
+                header_add(&b, "Authorization", STRLEN("Authorization"), ": ", req->authorization);
+        if (req->request_id)
+                header_add(&b, "X-Request-Id", STRLEN("X-Request-Id"), ": ", req->request_id);
+
+        g_assert(b.n_nodes > 0); /* Accept, if nothing else */
+        *ret_size = size;
+        return b.nodes;
+}
+
+void upstream_headers_free(struct curl_slist *l, size_t size) {
+        if (!l)
+                return;
+        /* Keys and whatever else a client sent (cookies, keys of its own) go with it. */
+        explicit_bzero(l, size);
+        g_free(l);
 }
 
 /* Deadlines are seconds long: a coarse accuracy lets sd-event wake once for many of them. */
@@ -340,40 +526,17 @@ int upstream_start(CurlGlue *glue, sd_event *event, const UpstreamRequest *req, 
          * takes more reads. */
         curl_easy_setopt(e, CURLOPT_BUFFERSIZE, 8192L);
         curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
-        curl_easy_setopt(e, CURLOPT_USERAGENT, "provider-router/" PACKAGE_VERSION);
         /* libcurl offers every encoding it can decode and decodes: the router reads usage, SSE
          * boundaries and sizes from the plain bytes, and relays them plain (never the
          * provider's Content-Encoding or Content-Length, see header_is_passed()). */
         curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "");
         upstream_apply_provider(e, req->provider);
-        /* Never wait for "100 Continue": it costs a round trip. libcurl asks for it only for
-         * bodies of 1 MiB and more, so only those need the header removed (each header costs
-         * thousands of instructions in libcurl). */
-        if (req->post && req->body_size >= 1024 * 1024)
-                u->headers = curl_slist_append(u->headers, "Expect:");
         if (req->post) {
                 curl_easy_setopt(e, CURLOPT_POST, 1L);
                 curl_easy_setopt(e, CURLOPT_POSTFIELDS, req->body);
                 curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) req->body_size);
-                u->headers = curl_slist_append(u->headers, "Content-Type: application/json");
         }
-        if (req->stream)
-                u->headers = curl_slist_append(u->headers, "Accept: text/event-stream");
-        else
-                u->headers = curl_slist_append(u->headers, "Accept: application/json");
-        if (req->api_key) {
-                g_autofree char *h = g_strconcat("Authorization: Bearer ", req->api_key, NULL);
-                u->headers = curl_slist_append(u->headers, h);
-                explicit_bzero(h, strlen(h));
-        } else if (req->authorization) {
-                g_autofree char *h = g_strconcat("Authorization: ", req->authorization, NULL);
-                u->headers = curl_slist_append(u->headers, h);
-                explicit_bzero(h, strlen(h));
-        }
-        if (req->request_id) {
-                g_autofree char *h = g_strconcat("X-Request-Id: ", req->request_id, NULL);
-                u->headers = curl_slist_append(u->headers, h);
-        }
+        u->headers = upstream_headers_new(req, &u->headers_size);
         curl_easy_setopt(e, CURLOPT_HTTPHEADER, u->headers);
 
         r = sd_event_add_time(event, &u->timer, CLOCK_MONOTONIC, upstream_deadline(u), UPSTREAM_TIMER_ACCURACY,
@@ -403,13 +566,7 @@ Upstream *upstream_free(Upstream *u) {
                 /* The header list may still be referenced by the handle until it is reset. */
                 curl_glue_release(u->glue, u->easy);
         }
-        if (u->headers) {
-                /* Wipe the Authorization line before the list goes. */
-                for (struct curl_slist *l = u->headers; l; l = l->next)
-                        if (g_str_has_prefix(l->data, "Authorization:"))
-                                explicit_bzero(l->data, strlen(l->data));
-                curl_slist_free_all(u->headers);
-        }
+        upstream_headers_free(u->headers, u->headers_size);
         sd_event_source_disable_unref(u->timer);
         g_ptr_array_unref(u->response_headers);
         g_free(u->content_type);

@@ -32,6 +32,11 @@ typedef struct UpstreamOps {
         void (*on_done)(Upstream *u, UpstreamError error, const char *message, void *userdata);
 } UpstreamOps;
 
+/* A source of request headers (the client's): calls func for each, in order, until it returns
+ * false. */
+typedef bool (*UpstreamHeaderFunc)(const char *name, const char *value, void *userdata);
+typedef void (*UpstreamHeaderForeach)(const void *source, UpstreamHeaderFunc func, void *userdata);
+
 typedef struct UpstreamRequest {
         const char *url;
         bool post;
@@ -39,7 +44,11 @@ typedef struct UpstreamRequest {
         size_t body_size;
         const char *api_key;        /* sent as "Authorization: Bearer …" */
         const char *authorization;  /* passed through as is when api_key is NULL */
-        const char *request_id;
+        const char *request_id;     /* sent as X-Request-Id */
+        /* The client's request headers, passed on but for those upstream_header_is_forwarded()
+         * refuses; the client's User-Agent, Accept and Content-Type replace the router's. */
+        UpstreamHeaderForeach client_headers;
+        const void *client;
         bool stream;                /* an answer that may take long: idle timeout after first byte */
         usec_t connect_timeout;
         usec_t first_byte_timeout;  /* until the first body byte */
@@ -50,6 +59,18 @@ typedef struct UpstreamRequest {
 
 int upstream_start(CurlGlue *glue, sd_event *event, const UpstreamRequest *req, const UpstreamOps *ops,
                    void *userdata, Upstream **ret);
+/* May a client's request header with this name reach the provider? Not the hop-by-hop ones (RFC
+ * 9110 §7.6.1: Connection, Keep-Alive, Proxy-Connection, TE, Trailer, Transfer-Encoding,
+ * Upgrade, Proxy-Authorization, Proxy-Authenticate), not Host, Content-Length, Expect or
+ * Accept-Encoding (libcurl frames the body and negotiates the encoding it decodes), not the
+ * router's own (X-Provider, X-Compare, X-Request-Id) and not Authorization (see
+ * UpstreamRequest.authorization). Those the client names in Connection: are dropped as well. */
+bool upstream_header_is_forwarded(const char *name, size_t n);
+/* The header lines req sends (a curl_slist), every node and string in one block of *ret_size
+ * bytes; freed, and wiped, with upstream_headers_free(). */
+struct curl_slist *upstream_headers_new(const UpstreamRequest *req, size_t *ret_size);
+void upstream_headers_free(struct curl_slist *l, size_t size);
+
 /* Aborts a running transfer (no callback) and frees. Not from inside on_data/on_response. */
 Upstream *upstream_free(Upstream *u);
 

@@ -193,14 +193,6 @@ CLIENT_HEADERS_NOT_COMPARED = {"x-request-id", "x-provider-request-id", "x-provi
 # test_request_headers_<client>_<provider>) that fail on today's code, each with its reason. Remove
 # an entry when the fix lands: an unexpected success fails the run.
 KNOWN_FAILURES = {
-    # issue 10.2: OpenAI-Organization, OpenAI-Project, OpenAI-Beta, Accept-Language, X-Title,
-    # HTTP-Referer, Sec-Fetch-Mode and x-stainless-* are dropped; User-Agent and Accept replaced
-    "test_request_headers_openai_aimock": "10.2",
-    "test_request_headers_openai_mockllm": "10.2",
-    "test_request_headers_ai_sdk_aimock": "10.2",
-    "test_request_headers_ai_sdk_mockllm": "10.2",
-    "test_request_headers_langchain_aimock": "10.2",
-    "test_request_headers_langchain_mockllm": "10.2",
     # issue 10.3: a list asked of one provider is rebuilt: created 0, owned_by the router's name
     # for the provider, a "provider" member added, every other field dropped, mapped model names
     # added, the provider's Content-Type and other headers replaced

@@ -518,6 +518,83 @@ class RelayTest(OddCase):
                 self.assertFalse(r.header("X-Request-Id").startswith("odd-"), r.header("X-Request-Id"))
 
 
+    # item 2 -------------------------------------------------------------------------------------
+
+    def raw_chat(self, header_lines, body):
+        """POST /v1/chat/completions with exactly these header lines (duplicates and empty values
+        included); returns (status, {lower-case name: value}, body)."""
+        data = json.dumps(body).encode()
+        head = "POST /v1/chat/completions HTTP/1.1\r\nHost: %s:%d\r\n" % (LOOPBACK, self.router.port)
+        head += "".join("%s: %s\r\n" % kv for kv in header_lines)
+        head += "Content-Length: %d\r\n\r\n" % len(data)
+        with socket.create_connection((LOOPBACK, self.router.port), timeout=10 * SLOW) as sock:
+            sock.sendall(head.encode() + data)
+            f = sock.makefile("rb")
+            r = http.client.HTTPResponse(sock)
+            r.begin()
+            payload = r.read()
+            f.close()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, payload
+
+    def received(self, record):
+        return [(k.lower(), v) for k, v in record["headers"]]
+
+    def test_client_headers_reach_provider(self):
+        end_to_end = [
+            ("User-Agent", "relay-client/1.0"), ("Accept", "application/json"), ("Accept-Language", "fr-CH"),
+            ("OpenAI-Organization", "org-relay"), ("OpenAI-Project", "proj_relay"),
+            ("OpenAI-Beta", "assistants=v2"), ("X-Title", "relay test"),
+            ("HTTP-Referer", "https://example.invalid/app"), ("x-stainless-lang", "js"),
+            ("X-Dup", "one"), ("X-Dup", "two"), ("X-Empty", ""),
+            ("Content-Type", "application/json; charset=utf-8"), ("Authorization", "Bearer sk-client"),
+        ]
+        hop_or_router = [
+            ("Connection", "keep-alive, X-Hop"), ("X-Hop", "named in Connection"), ("Keep-Alive", "timeout=5"),
+            ("TE", "trailers"), ("Trailer", "X-Checksum"), ("Proxy-Authorization", "Basic cHJveHk6c2VjcmV0"),
+            ("Proxy-Connection", "keep-alive"), ("Accept-Encoding", "x-unheard-of"), ("X-Provider", "odd"),
+            ("X-Compare", "odd"), ("X-Request-Id", "client-chosen-id"),
+        ]
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                body = chat_body("headers", model="odd-model", stream=stream)
+                status, headers, payload = self.raw_chat(end_to_end + hop_or_router, body)
+                self.assertEqual(status, 200, payload[:300])
+                got = self.received(self.last())
+                names = [k for k, _ in got]
+                # Every end-to-end header as sent, in order, duplicates and empty values included.
+                self.assertEqual([kv for kv in got if kv[0] in {k.lower() for k, _ in end_to_end}],
+                                 [(k.lower(), v) for k, v in end_to_end], got)
+                for name in ("x-hop", "keep-alive", "te", "trailer", "proxy-authorization", "proxy-connection",
+                             "x-provider", "x-compare", "connection"):
+                    self.assertNotIn(name, names, got)
+                self.assertEqual(names.count("host"), 1)
+                self.assertEqual(dict(got)["host"], "%s:%d" % (LOOPBACK, self.odd.port))
+                self.assertNotEqual(dict(got).get("accept-encoding"), "x-unheard-of", got)
+                self.assertIn("gzip", dict(got)["accept-encoding"])
+                # The router's request id (which keeps a valid one of the client's).
+                self.assertEqual([v for k, v in got if k == "x-request-id"], [headers["x-request-id"]])
+        self.assert_still_serves(self.router)
+
+    def test_router_defaults_when_client_sends_none(self):
+        for stream, accept in ((False, "application/json"), (True, "text/event-stream")):
+            with self.subTest(stream=stream):
+                status, _, payload = self.raw_chat([], chat_body("bare", model="odd-model", stream=stream))
+                self.assertEqual(status, 200, payload[:300])
+                got = dict(self.received(self.last()))
+                self.assertTrue(got["user-agent"].startswith("provider-router/"), got)
+                self.assertEqual(got["accept"], accept)
+                self.assertEqual(got["content-type"], "application/json")
+                self.assertNotIn("authorization", got)
+
+    def test_many_client_headers(self):
+        # As many as the router's head limit lets in: all of them arrive.
+        lines = [("X-Many-%03d" % i, "v%d" % i) for i in range(300)]
+        status, _, payload = self.raw_chat(lines, chat_body("many", model="odd-model"))
+        self.assertEqual(status, 200, payload[:300])
+        got = [kv for kv in self.received(self.last()) if kv[0].startswith("x-many-")]
+        self.assertEqual(got, [(k.lower(), v) for k, v in lines])
+
+
 # --- TLS and proxies ------------------------------------------------------------------------------
 
 class TlsTest(OddCase):
