@@ -366,6 +366,7 @@ size_t log_request_fields(const RequestLogEntry *e, int level, const char *messa
         field_u64(&f, "STATUS", e->status);
         field_u64(&f, "DURATION_USEC", e->duration_usec);
         field_str(&f, "REQUEST_ID", e->request_id, LOG_FIELD_SHORT_MAX);
+        field_str(&f, "PROVIDER_REQUEST_ID", e->provider_request_id, LOG_FIELD_SHORT_MAX);
         field_u64(&f, "STREAM", e->stream);
         field_str(&f, "METHOD", e->method, LOG_FIELD_SHORT_MAX);
         field_str(&f, "PATH", e->path, LOG_FIELD_MAX);

@@ -58,6 +58,7 @@ int log_internal(int level, int error, const char *file, int line, const char *f
 /* One finished request, as the request log sees it. Strings may be NULL. */
 typedef struct RequestLogEntry {
         const char *request_id;
+        const char *provider_request_id; /* the provider's own, PROVIDER_REQUEST_ID */
         const char *method;
         const char *path;
         const char *provider;

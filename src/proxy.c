@@ -87,6 +87,9 @@ static void add_upstream_headers(Proxy *px, bool stream) {
         }
         if (!have_content_type)
                 exchange_add_header(x, "Content-Type", stream ? "text/event-stream" : "application/json");
+        /* X-Request-Id is the router's; the provider's own id, for its support, goes beside it. */
+        if (px->request->record.provider_request_id)
+                exchange_add_header(x, "X-Provider-Request-Id", px->request->record.provider_request_id);
         if (stream) {
                 if (!have_cache_control)
                         exchange_add_header(x, "Cache-Control", "no-cache");
@@ -156,6 +159,8 @@ static void proxy_on_response(Upstream *u, void *userdata) {
         if (px->upstream_headers)
                 g_ptr_array_unref(px->upstream_headers);
         px->upstream_headers = upstream_steal_headers(u);
+        g_free(px->request->record.provider_request_id);
+        px->request->record.provider_request_id = upstream_steal_request_id(u);
 }
 
 /* The router's part and the provider's, for Server-Timing: until the provider was asked, and the
@@ -522,6 +527,7 @@ static void proxy_start_attempt(Proxy *px, Provider *p) {
         rec->error_class = ERROR_CLASS_NONE;
         rec->error_type = NULL;
         g_clear_pointer(&rec->error_message, g_free);
+        g_clear_pointer(&rec->provider_request_id, g_free);
         g_clear_pointer(&px->upstream_body, g_free);
 
         if (provider_is_echo(p)) {

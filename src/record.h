@@ -8,6 +8,7 @@
  * when it ends: to its provider's statistics and to the request log. */
 typedef struct RequestRecord {
         char request_id[72];
+        char *provider_request_id;   /* the provider's own x-request-id, if it sent one */
         const char *method;          /* borrowed from the exchange; valid until emitted */
         const char *path;
         usec_t start;                /* CLOCK_MONOTONIC */

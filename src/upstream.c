@@ -23,6 +23,7 @@ struct Upstream {
         GPtrArray *response_headers;  /* name, value, name, value, …, NULL */
         char *content_type;
         char *retry_after;
+        char *request_id;             /* the provider's x-request-id */
 
         sd_event_source *timer;
         usec_t started;
@@ -394,6 +395,18 @@ UpstreamHeadLine upstream_parse_head_line(const char *buffer, size_t n, long *re
         return UPSTREAM_HEAD_FIELD;
 }
 
+/* The provider's request id goes to the client and the journal: printable, and short enough. */
+#define PROVIDER_REQUEST_ID_MAX 200
+
+static bool request_id_is_sane(const char *value, size_t n) {
+        if (n == 0 || n > PROVIDER_REQUEST_ID_MAX)
+                return false;
+        for (size_t i = 0; i < n; i++)
+                if ((unsigned char) value[i] < 0x20 || (unsigned char) value[i] >= 0x7f)
+                        return false;
+        return true;
+}
+
 static size_t upstream_header_cb(char *buffer, size_t size, size_t nitems, void *userdata) {
         Upstream *u = userdata;
         size_t n = size * nitems, name_len, value_len;
@@ -408,6 +421,7 @@ static size_t upstream_header_cb(char *buffer, size_t size, size_t nitems, void 
                         g_ptr_array_set_size(u->response_headers, 0);
                 g_clear_pointer(&u->content_type, g_free);
                 g_clear_pointer(&u->retry_after, g_free);
+                g_clear_pointer(&u->request_id, g_free);
                 return n;
         case UPSTREAM_HEAD_END:
                 if (u->status >= 200 && !u->headers_done) {
@@ -428,6 +442,9 @@ static size_t upstream_header_cb(char *buffer, size_t size, size_t nitems, void 
         } else if (name_len == STRLEN("retry-after") && g_ascii_strncasecmp(buffer, "retry-after", name_len) == 0) {
                 g_free(u->retry_after);
                 u->retry_after = g_strndup(value, value_len);
+        } else if (name_is(buffer, name_len, "x-request-id") && request_id_is_sane(value, value_len)) {
+                g_free(u->request_id);
+                u->request_id = g_strndup(value, value_len);
         }
 
         if (header_is_passed(buffer, name_len)) {
@@ -571,6 +588,7 @@ Upstream *upstream_free(Upstream *u) {
         g_ptr_array_unref(u->response_headers);
         g_free(u->content_type);
         g_free(u->retry_after);
+        g_free(u->request_id);
         g_free(u);
         return NULL;
 }
@@ -594,6 +612,10 @@ const char *upstream_content_type(Upstream *u) {
 
 const char *upstream_retry_after(Upstream *u) {
         return u->retry_after;
+}
+
+char *upstream_steal_request_id(Upstream *u) {
+        return TAKE_PTR(u->request_id);
 }
 
 void upstream_mark_first_byte(Upstream *u) {

@@ -77,6 +77,8 @@ Upstream *upstream_free(Upstream *u);
 long upstream_status(Upstream *u);
 const char *upstream_content_type(Upstream *u);
 const char *upstream_retry_after(Upstream *u);
+/* The provider's own x-request-id (printable, at most 200 bytes), or NULL; the caller frees. */
+char *upstream_steal_request_id(Upstream *u);
 /* Takes over the response headers worth passing to the client: alternating name, value,
  * NULL-terminated, in a GPtrArray; the transfer keeps none. */
 GPtrArray *upstream_steal_headers(Upstream *u);

@@ -483,8 +483,6 @@ class InteropTest(RouterTestCase):
                          "X-Provider-Request-Id must carry aimock's x-request-id: %r" % routed)
         self.assertTrue(routed.header("X-Request-Id"), routed)
 
-    @unittest.expectedFailure
-    # issue 10.4: the provider's x-request-id is dropped; no X-Provider-Request-Id reaches the client
     def test_provider_request_id_chat(self):
         """The provider's own x-request-id reaches the client as X-Provider-Request-Id, beside the
         router's X-Request-Id."""
@@ -493,8 +491,6 @@ class InteropTest(RouterTestCase):
         self.assertEqual(routed.status, 200, routed)
         self.check_provider_request_id(routed, tag)
 
-    @unittest.expectedFailure
-    # issue 10.4: the provider's x-request-id is dropped; no X-Provider-Request-Id reaches the client
     def test_provider_request_id_stream(self):
         tag = "interop-plain provider-request-id stream"
         routed = self.router.request("POST", "/v1/chat/completions", body=_chat("aimock", tag, stream=True))
@@ -502,16 +498,12 @@ class InteropTest(RouterTestCase):
         self.assertTrue(routed.body.endswith(b"data: [DONE]\n\n"), routed)
         self.check_provider_request_id(routed, tag)
 
-    @unittest.expectedFailure
-    # issue 10.4: the provider's x-request-id is dropped; no X-Provider-Request-Id reaches the client
     def test_provider_request_id_error(self):
         tag = "interop-429 provider-request-id error"
         routed = self.router.request("POST", "/v1/chat/completions", body=_chat("aimock", tag))
         self.assertEqual(routed.status, 429, routed)
         self.check_provider_request_id(routed, tag)
 
-    @unittest.expectedFailure
-    # issue 10.4: the provider's x-request-id is dropped; no X-Provider-Request-Id reaches the client
     def test_provider_request_id_openai_client(self):
         """What the openai client shows its user: both ids."""
         result = self.client_results("openai", "aimock", "router")["chat"]

@@ -507,7 +507,6 @@ class RelayTest(OddCase):
                 self.assertEqual(self.last()["modes"], [modes])
         self.assert_still_serves(self.router)
 
-    @unittest.expectedFailure  # issue 10.4: the provider's x-request-id is dropped
     def test_provider_request_id(self):
         for stream in (False, True):
             with self.subTest(stream=stream):
@@ -593,6 +592,41 @@ class RelayTest(OddCase):
         self.assertEqual(status, 200, payload[:300])
         got = [kv for kv in self.received(self.last()) if kv[0].startswith("x-many-")]
         self.assertEqual(got, [(k.lower(), v) for k, v in lines])
+
+
+class ProviderRequestIdTest(OddCase):
+    """Item 4: whose id the client gets when more than one provider was tried."""
+
+    def test_id_of_the_provider_that_answered(self):
+        first, second = self.start_odd("first"), self.start_odd("second")
+        first.set_modes(options={"status": 503})
+        router = self.router_over({"first": {"BaseURL": first.base_url, "Fallbacks": "second"},
+                                   "second": second.base_url}, default="first")
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                body = chat_body("which id", model="any", stream=stream)
+                r = router.stream(body) if stream else router.chat(body)
+                self.assertEqual((r.status, r.header("X-Provider"), r.header("X-Provider-Tried")),
+                                 (200, "second", "first, second"))
+                self.assertEqual(r.header("X-Provider-Request-Id"), "odd-second-%d" % second.chats()[-1]["id"])
+                self.assertNotEqual(r.header("X-Request-Id"), r.header("X-Provider-Request-Id"))
+        # The provider's own error, passed through, carries its id too.
+        second.set_modes(options={"status": 429})
+        r = router.chat(chat_body("which id", model="any"))
+        self.assert_error(r, 429, "server_error")
+        self.assertEqual(r.header("X-Provider-Request-Id"), "odd-second-%d" % second.chats()[-1]["id"])
+        second.set_modes()
+        self.assert_still_serves(router)
+
+    def test_no_id_when_the_router_answers(self):
+        hung = self.start_odd("hung")
+        router = self.router_over({"hung": {"BaseURL": hung.url("hang"), "FirstByteTimeoutSec": "0.5"}},
+                                  default="hung")
+        r = router.chat(chat_body("x", model="any"))
+        self.assert_error(r, 504, "timeout_error", provider="hung")
+        self.assertIsNone(r.header("X-Provider-Request-Id"))
+        self.assertTrue(r.header("X-Request-Id"))
+        self.assert_still_serves(router)
 
 
 # --- TLS and proxies ------------------------------------------------------------------------------

@@ -186,6 +186,23 @@ static Built *build(const RequestLogEntry *e) {
         return b;
 }
 
+START_TEST(test_fields_provider_request_id) {
+        RequestLogEntry e = entry();
+        g_autofree Built *none = build(&e);
+        g_autofree char *absent = field_value(none->iov, none->n, "PROVIDER_REQUEST_ID");
+        g_autofree Built *b = NULL;
+        g_autofree char *id = NULL, *ours = NULL;
+
+        ck_assert_ptr_null(absent);
+        e.provider_request_id = "req_abc123";
+        b = build(&e);
+        id = field_value(b->iov, b->n, "PROVIDER_REQUEST_ID");
+        ours = field_value(b->iov, b->n, "REQUEST_ID");
+        ck_assert_str_eq(id, "req_abc123");
+        ck_assert_str_eq(ours, "req-0001");
+}
+END_TEST
+
 START_TEST(test_fields_plain) {
         RequestLogEntry e = entry();
         g_autofree Built *b = build(&e);
@@ -449,6 +466,7 @@ static Suite *log_suite(void) {
 
         tc = tcase_create("fields");
         tcase_add_test(tc, test_fields_plain);
+        tcase_add_test(tc, test_fields_provider_request_id);
         tcase_add_test(tc, test_fields_every_value_huge);
         tcase_add_test(tc, test_fields_cut_at_character_boundary);
         tcase_add_test(tc, test_fields_raw_values_kept);
