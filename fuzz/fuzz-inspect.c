@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* A client's request body as the router reads it: inspect_chat_request() and, under it, the JSON
- * scanner with every span helper; usage counts from the same bytes. */
+ * scanner with every span helper; usage counts from the same bytes; the model rewrites, which
+ * must leave every other byte as it was. */
 #include <assert.h>
 #include <stdint.h>
 
@@ -40,6 +41,27 @@ static int on_member(const JsonSpan *key, const JsonSpan *value, void *userdata)
         return 0;
 }
 
+/* The rewritten body is JSON, names the model, and differs from body only in [at, at + n). */
+static void check_rewrite(const char *body, size_t size, const char *out, size_t out_size, const char *model) {
+        ChatRequestInfo info = {};
+        g_autofree char *message = NULL;
+        size_t prefix = 0, suffix = 0;
+
+        assert(out && out[out_size] == 0);
+        assert(json_scan(out, out_size, NULL, NULL, NULL) == 0);
+        assert(inspect_chat_request(out, out_size, &info, &message) == 0);
+        assert(info.model && strcmp(info.model, model) == 0);
+        chat_request_info_clear(&info);
+
+        /* One contiguous change: what precedes and follows it is the client's, byte for byte. */
+        while (prefix < size && prefix < out_size && body[prefix] == out[prefix])
+                prefix++;
+        while (suffix < size - prefix && suffix < out_size - prefix &&
+               body[size - 1 - suffix] == out[out_size - 1 - suffix])
+                suffix++;
+        assert(out_size - prefix - suffix <= strlen(model) * 6 + 16);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         const char *body = (const char *) data;
         Bounds b = { body, body + size };
@@ -51,13 +73,21 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 
         r = inspect_chat_request(body, size, &info, &message);
         if (r >= 0) {
+                g_autofree char *set = NULL, *replaced = NULL;
+                size_t n = 0, m = 0;
+                int k;
+
                 assert(!message);
-                if (!info.model) {
-                        g_autofree char *rewritten = NULL;
-                        size_t n;
-                        if (inspect_set_model(body, size, "fuzz-model", &rewritten, &n) >= 0)
-                                assert(rewritten && n > 0);
-                }
+                /* Every request the router accepts can be given a model, and a model it has
+                 * can be replaced; the result is checked either way. */
+                assert(inspect_set_model(body, size, "fuzz \"model\"", &set, &n) == 0);
+                check_rewrite(body, size, set, n, "fuzz \"model\"");
+                k = inspect_replace_model(body, size, "per-provider", &replaced, &m);
+                assert(k == 0 || k == -ENOENT);
+                if (k == 0)
+                        check_rewrite(body, size, replaced, m, "per-provider");
+                else
+                        assert(!replaced);
         } else {
                 assert(r == -EINVAL);
                 assert(message);

@@ -1,6 +1,4 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
-#include <json-glib/json-glib.h>
-
 #include "inspect.h"
 #include "json-scan.h"
 
@@ -90,23 +88,103 @@ int inspect_chat_request(const char *body, size_t size, ChatRequestInfo *ret, ch
         return 0;
 }
 
-int inspect_set_model(const char *body, size_t size, const char *model, char **ret_body, size_t *ret_size) {
-        g_autoptr(JsonParser) parser = json_parser_new();
-        g_autoptr(JsonGenerator) gen = NULL;
-        JsonNode *root;
-        gsize n;
+typedef struct ModelMember {
+        JsonSpan value;
+        bool found;
+} ModelMember;
 
-        if (!json_parser_load_from_data(parser, body, (gssize) size, NULL))
-                return -EINVAL;
-        root = json_parser_get_root(parser);
-        if (!root || !JSON_NODE_HOLDS_OBJECT(root))
-                return -EINVAL;
-        json_object_set_string_member(json_node_get_object(root), "model", model);
+static int model_member(const JsonSpan *key, const JsonSpan *value, void *userdata) {
+        ModelMember *m = userdata;
 
-        gen = json_generator_new();
-        json_generator_set_root(gen, root);
-        *ret_body = json_generator_to_data(gen, &n);
+        /* Each one found replaces the one before: the last counts, as in inspect_chat_request(). */
+        if (json_span_equal(key, "model")) {
+                m->value = *value;
+                m->found = true;
+        }
+        return 0;
+}
+
+/* model as a JSON string, quotes included. */
+static GString *json_quote(const char *model) {
+        GString *s = g_string_sized_new(strlen(model) + 8);
+
+        g_string_append_c(s, '"');
+        for (const char *c = model; *c; c++) {
+                if (*c == '"' || *c == '\\') {
+                        g_string_append_c(s, '\\');
+                        g_string_append_c(s, *c);
+                } else if ((unsigned char) *c < 0x20)
+                        g_string_append_printf(s, "\\u%04x", (unsigned) (unsigned char) *c);
+                else
+                        g_string_append_c(s, *c);
+        }
+        g_string_append_c(s, '"');
+        return s;
+}
+
+/* body with [at, at + removed) replaced by insert, NUL-terminated. */
+static void splice(const char *body, size_t size, size_t at, size_t removed, const char *insert, size_t insert_size,
+                   char **ret_body, size_t *ret_size) {
+        size_t n = size - removed + insert_size;
+        char *out = g_malloc(n + 1);
+
+        memcpy(out, body, at);
+        memcpy(out + at, insert, insert_size);
+        memcpy(out + at + insert_size, body + at + removed, size - at - removed);
+        out[n] = 0;
+        *ret_body = out;
         *ret_size = n;
+}
+
+static int find_model(const char *body, size_t size, const char *model, ModelMember *ret) {
+        if (!g_utf8_validate(model, -1, NULL))
+                return -EINVAL;
+        if (!starts_with_object(body, size))
+                return -EINVAL;
+        *ret = (ModelMember) {};
+        return json_scan(body, size, model_member, ret, NULL);
+}
+
+int inspect_replace_model(const char *body, size_t size, const char *model, char **ret_body, size_t *ret_size) {
+        g_autoptr(GString) quoted = NULL;
+        ModelMember m;
+        int r;
+
+        r = find_model(body, size, model, &m);
+        if (r < 0)
+                return r;
+        if (!m.found)
+                return -ENOENT;
+        quoted = json_quote(model);
+        splice(body, size, (size_t) (m.value.data - body), m.value.size, quoted->str, quoted->len, ret_body, ret_size);
+        return 0;
+}
+
+int inspect_set_model(const char *body, size_t size, const char *model, char **ret_body, size_t *ret_size) {
+        g_autoptr(GString) member = NULL, quoted = NULL;
+        ModelMember m;
+        size_t brace, next;
+        int r;
+
+        r = find_model(body, size, model, &m);
+        if (r < 0)
+                return r;
+        if (m.found)
+                /* "model": null counts as none; it gets the value rather than a second member. */
+                return inspect_replace_model(body, size, model, ret_body, ret_size);
+
+        for (brace = 0; body[brace] != '{'; brace++)
+                ;
+        for (next = brace + 1; next < size && (body[next] == ' ' || body[next] == '\t' || body[next] == '\r' ||
+                                               body[next] == '\n'); next++)
+                ;
+        quoted = json_quote(model);
+        member = g_string_new("\"model\":");
+        g_string_append_len(member, quoted->str, (gssize) quoted->len);
+        /* A valid object has its '}' after the '{'. */
+        if (next < size && body[next] != '}')
+                g_string_append_c(member, ',');
+        splice(body, size, brace + 1, 0, member->str, member->len, ret_body, ret_size);
         return 0;
 }
 

@@ -22,8 +22,15 @@ void chat_request_info_clear(ChatRequestInfo *info);
 int inspect_chat_request(const char *body, size_t size, ChatRequestInfo *ret, char **ret_message);
 
 /* Returns a copy of the request with "model" set, for providers with a DefaultModel= when the
- * client named none. */
+ * client named none: the member "model":"…" is inserted right after the top-level '{' (or a
+ * "model": null is given the value), and every other byte stays as the client sent it — numbers
+ * are not re-serialised, whitespace is kept. The copy is NUL-terminated. -EINVAL if body is not
+ * a JSON object or model is not UTF-8. */
 int inspect_set_model(const char *body, size_t size, const char *model, char **ret_body, size_t *ret_size);
+/* Returns a copy of the request with the value of its top-level "model" member (the last one, which
+ * is the one that counts) replaced by the string model, every other byte unchanged: a per-provider
+ * model name. -ENOENT if there is no such member, -EINVAL as above. */
+int inspect_replace_model(const char *body, size_t size, const char *model, char **ret_body, size_t *ret_size);
 
 /* Finds "usage" in an OpenAI response or stream chunk; returns 0 and the counts if present,
  * -ENOENT if absent. */

@@ -38,7 +38,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (LOOPBACK, SLOW, Router, RouterTestCase, chat_body, dump_logs,  # noqa: E402
+from harness import (LOOPBACK, SLOW, Router, RouterTestCase, chat_body, dump_logs, http_request,  # noqa: E402
                      main, router_config, run_check_config, split_events, wait_until)
 from oddprovider import EgressProxy, OddProvider, OddProviderProcess, gzip_allowed  # noqa: E402
 import tlsutil  # noqa: E402
@@ -626,6 +626,33 @@ class ProviderRequestIdTest(OddCase):
         self.assert_error(r, 504, "timeout_error", provider="hung")
         self.assertIsNone(r.header("X-Provider-Request-Id"))
         self.assertTrue(r.header("X-Request-Id"))
+        self.assert_still_serves(router)
+
+
+class DefaultModelTest(OddCase):
+    """Item 5: the DefaultModel= rewrite changes nothing but the model."""
+
+    def test_model_inserted_byte_exact(self):
+        odd = self.start_odd()
+        router = self.router_over({"odd": {"BaseURL": odd.base_url, "DefaultModel": "odd-model"}}, default="odd")
+        sent = (b'{ "messages" : [{"role":"user","content":"caf\\u00e9 \xc3\xa9"}],\n'
+                b'  "seed":18446744073709551615, "temperature":0.7, "top_p":1e2, "n":1.0E0 }')
+        for body, want in (
+                (sent, b'{"model":"odd-model", "messages" : [{"role":"user","content":"caf\\u00e9 \xc3\xa9"}],\n'
+                       b'  "seed":18446744073709551615, "temperature":0.7, "top_p":1e2, "n":1.0E0 }'),
+                (b'{"model":null,"messages":[{"role":"user","content":"x"}],"t":0.70}',
+                 b'{"model":"odd-model","messages":[{"role":"user","content":"x"}],"t":0.70}')):
+            with self.subTest(body=body):
+                r = http_request(router.port, "POST", "/v1/chat/completions", body=body,
+                                 headers={"Content-Type": "application/json"})
+                self.assertEqual(r.status, 200, r)
+                self.assertEqual(base64.b64decode(odd.chats()[-1]["body_b64"]), want)
+        # A client that names a model has its body passed untouched.
+        body = b'{"model":"mine","messages":[],"seed":18446744073709551615}'
+        r = http_request(router.port, "POST", "/v1/chat/completions", body=body,
+                         headers={"Content-Type": "application/json"})
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(base64.b64decode(odd.chats()[-1]["body_b64"]), body)
         self.assert_still_serves(router)
 
 

@@ -243,6 +243,75 @@ START_TEST(test_set_model_invalid_input) {
 }
 END_TEST
 
+static void assert_rewrite(int (*f)(const char *, size_t, const char *, char **, size_t *), const char *body,
+                           const char *model, const char *want) {
+        g_autofree char *out = NULL;
+        size_t n = 0;
+
+        ck_assert_msg(f(body, strlen(body), model, &out, &n) == 0, "refused: %s", body);
+        ck_assert_uint_eq(n, strlen(out));
+        ck_assert_msg(streq(out, want), "for %s\n got: %s\nwant: %s", body, out, want);
+}
+
+START_TEST(test_set_model_byte_exact) {
+        /* Numbers json-glib would have re-serialised, whitespace, key order, escapes, duplicate
+         * keys: all stay as sent. */
+        assert_rewrite(inspect_set_model,
+                       "{\"messages\":[{\"role\":\"user\",\"content\":\"h\\u00e9\"}],\"seed\":18446744073709551615,"
+                       "\"temperature\":0.7,\"top_p\":1e2,\"n\":-0,\"x\":1.0E-7}",
+                       "qwen3-max",
+                       "{\"model\":\"qwen3-max\",\"messages\":[{\"role\":\"user\",\"content\":\"h\\u00e9\"}],"
+                       "\"seed\":18446744073709551615,\"temperature\":0.7,\"top_p\":1e2,\"n\":-0,\"x\":1.0E-7}");
+        assert_rewrite(inspect_set_model, "  {\n  \"a\" : 1 ,\n  \"a\": 2\n}\n", "m",
+                       "  {\"model\":\"m\",\n  \"a\" : 1 ,\n  \"a\": 2\n}\n");
+        assert_rewrite(inspect_set_model, "{}", "m", "{\"model\":\"m\"}");
+        assert_rewrite(inspect_set_model, "{ \r\n\t}", "m", "{\"model\":\"m\" \r\n\t}");
+        /* "model": null counts as no model: it is given the value, not a second member. */
+        assert_rewrite(inspect_set_model, "{\"model\" : null , \"n\":2.50}", "m", "{\"model\" : \"m\" , \"n\":2.50}");
+        /* Escaped for JSON; any UTF-8 kept. */
+        assert_rewrite(inspect_set_model, "{\"n\":1}", "a\"b\\c\x01 ü",
+                       "{\"model\":\"a\\\"b\\\\c\\u0001 ü\",\"n\":1}");
+        /* A "model" nested deeper is not the request's. */
+        assert_rewrite(inspect_set_model, "{\"x\":{\"model\":\"inner\"}}", "m",
+                       "{\"model\":\"m\",\"x\":{\"model\":\"inner\"}}");
+}
+END_TEST
+
+START_TEST(test_replace_model) {
+        assert_rewrite(inspect_replace_model, "{\"seed\":18446744073709551615,\"model\":\"client\",\"t\":0.7}", "provider-name",
+                       "{\"seed\":18446744073709551615,\"model\":\"provider-name\",\"t\":0.7}");
+        assert_rewrite(inspect_replace_model, "{ \"model\" :\t\"a\\u0062\" }", "b", "{ \"model\" :\t\"b\" }");
+        /* The last of duplicate members is the one that counts, and the one replaced. */
+        assert_rewrite(inspect_replace_model, "{\"model\":\"one\",\"model\":\"two\"}", "x",
+                       "{\"model\":\"one\",\"model\":\"x\"}");
+        /* Whatever the value was, it becomes the string. */
+        assert_rewrite(inspect_replace_model, "{\"model\":42}", "m", "{\"model\":\"m\"}");
+        assert_rewrite(inspect_replace_model, "{\"model\":{\"a\":[1,2]},\"b\":1e2}", "m", "{\"model\":\"m\",\"b\":1e2}");
+        assert_rewrite(inspect_replace_model, "{\"m\\u006fdel\":\"escaped key\"}", "m", "{\"m\\u006fdel\":\"m\"}");
+}
+END_TEST
+
+START_TEST(test_replace_model_refused) {
+        static const char *const invalid[] = { "", "[]", "\"model\"", "{", "{\"model\":}", "null", "{\"model\":\"m\"}x" };
+        char *out = (char *) 0x1;
+        size_t n = 7;
+
+        for (size_t i = 0; i < ELEMENTSOF(invalid); i++) {
+                ck_assert_int_eq(inspect_replace_model(invalid[i], strlen(invalid[i]), "m", &out, &n), -EINVAL);
+                ck_assert_ptr_eq(out, (char *) 0x1);
+        }
+        ck_assert_int_eq(inspect_replace_model("{\"x\":{\"model\":\"inner\"}}", STRLEN("{\"x\":{\"model\":\"inner\"}}"), "m",
+                                               &out, &n),
+                         -ENOENT);
+        ck_assert_int_eq(inspect_replace_model("{}", 2, "m", &out, &n), -ENOENT);
+        /* Not UTF-8: the result would not be JSON. */
+        ck_assert_int_eq(inspect_replace_model("{\"model\":\"a\"}", STRLEN("{\"model\":\"a\"}"), "\xff", &out, &n), -EINVAL);
+        ck_assert_int_eq(inspect_set_model("{}", 2, "\xc3", &out, &n), -EINVAL);
+        ck_assert_ptr_eq(out, (char *) 0x1);
+        ck_assert_uint_eq(n, 7);
+}
+END_TEST
+
 START_TEST(test_usage_present) {
         const char *body =
                 "{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion\","
@@ -350,6 +419,9 @@ static Suite *inspect_suite(void) {
         tcase_add_test(tc, test_set_model_adds_model);
         tcase_add_test(tc, test_set_model_replaces_model);
         tcase_add_test(tc, test_set_model_invalid_input);
+        tcase_add_test(tc, test_set_model_byte_exact);
+        tcase_add_test(tc, test_replace_model);
+        tcase_add_test(tc, test_replace_model_refused);
         suite_add_tcase(s, tc);
 
         tc = tcase_create("usage");
