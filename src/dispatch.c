@@ -19,6 +19,7 @@ typedef struct HttpRoute {
         const char *subpath;      /* what the handler is told follows /v1 */
         bool open;                /* served without a client token */
         bool quiet;               /* not request-log material */
+        bool prefix;              /* path is a prefix; the handler is told the rest after "/v1" */
 } HttpRoute;
 
 static const HttpRoute routes[] = {
@@ -28,19 +29,10 @@ static const HttpRoute routes[] = {
         { "/v1/models", METHODS_GET, &models_handler, "/models" },
         { "/health", METHODS_GET, &health_handler, NULL, .open = true, .quiet = true },
         { "/metrics", METHODS_GET, &metrics_handler, NULL, .quiet = true },
+        /* Tried after every exact path: any other endpoint of the OpenAI API, routed by the
+         * model its body names (without one: 404). */
+        { "/v1/", METHODS_POST, &proxy_any_handler, NULL, .prefix = true },
 };
-
-static const HttpRoute *route_find(const char *url) {
-        size_t n = strlen(url);
-
-        /* One trailing slash is forgiven: clients build URLs by concatenation. */
-        if (n > 1 && url[n - 1] == '/')
-                n--;
-        for (size_t i = 0; i < ELEMENTSOF(routes); i++)
-                if (strlen(routes[i].path) == n && memcmp(url, routes[i].path, n) == 0)
-                        return &routes[i];
-        return NULL;
-}
 
 static bool route_allows(const HttpRoute *rt, const char *method) {
         if (rt->methods & METHODS_POST && streq(method, "POST"))
@@ -48,6 +40,23 @@ static bool route_allows(const HttpRoute *rt, const char *method) {
         if (rt->methods & METHODS_GET && (streq(method, "GET") || streq(method, "HEAD")))
                 return true;
         return false;
+}
+
+static const HttpRoute *route_find(const char *url, const char *method) {
+        size_t n = strlen(url);
+
+        /* One trailing slash is forgiven: clients build URLs by concatenation. */
+        if (n > 1 && url[n - 1] == '/')
+                n--;
+        for (size_t i = 0; i < ELEMENTSOF(routes); i++)
+                if (!routes[i].prefix && strlen(routes[i].path) == n && memcmp(url, routes[i].path, n) == 0)
+                        return &routes[i];
+        /* A prefix matches only a longer path and its own methods: GET /v1/anything stays a 404. */
+        for (size_t i = 0; i < ELEMENTSOF(routes); i++)
+                if (routes[i].prefix && n > strlen(routes[i].path) && g_str_has_prefix(url, routes[i].path) &&
+                    route_allows(&routes[i], method))
+                        return &routes[i];
+        return NULL;
 }
 
 static const char *route_allow_header(const HttpRoute *rt) {
@@ -140,7 +149,7 @@ void *dispatch_start(Exchange *x, void *userdata) {
                 return r;
         }
 
-        rt = route_find(exchange_path(x));
+        rt = route_find(exchange_path(x), method);
         r->record.api = !rt || !rt->quiet;
         if (!(rt && rt->open) && !request_authorized(r)) {
                 respond_unauthorized(r);
@@ -156,7 +165,7 @@ void *dispatch_start(Exchange *x, void *userdata) {
         }
 
         r->handler = rt->handler;
-        r->subpath = rt->subpath;
+        r->subpath = rt->prefix ? exchange_path(x) + STRLEN("/v1") : rt->subpath;
         exchange_set_body_limit(x, w->config->max_body_size);
         if ((rt->methods & METHODS_POST) && exchange_body_too_large(x))
                 /* Refused before a byte of it is read. */
@@ -177,7 +186,7 @@ static void dispatch_body_complete(Exchange *x, void *userdata) {
                 return;
         }
         if (exchange_body_too_large(x)) {
-                if (r->handler == &proxy_handler) {
+                if (r->handler == &proxy_handler || r->handler == &proxy_any_handler) {
                         respond_too_large(r);
                         return;
                 }

@@ -17,6 +17,7 @@ typedef struct Proxy {
         Request *request;
         ChatRequestInfo info;
         const char *url_suffix;      /* "/chat/completions" … appended to the provider's BaseURL */
+        char *url_suffix_buf;        /* any other path, escaped */
 
         /* failover: the routed provider, then its Fallbacks= */
         Provider *routed;
@@ -658,6 +659,7 @@ static void proxy_free(Request *r) {
         answer_reader_clear(&px->primary_reader);
         answer_summary_clear(&px->primary);
         chat_request_info_clear(&px->info);
+        g_free(px->url_suffix_buf);
         g_free(px->upstream_body);
         g_free(px->buf);
         if (px->upstream_headers)
@@ -783,7 +785,7 @@ static const char *proxy_sticky_key(const Route *rt, void *userdata) {
         }
 }
 
-static void proxy_start(Request *r) {
+static void proxy_start_common(Request *r, bool any) {
         Worker *w = r->worker;
         Proxy *px = g_new0(Proxy, 1);
         g_autofree char *message = NULL;
@@ -800,6 +802,20 @@ static void proxy_start(Request *r) {
         r->data = px;
 
         k = inspect_chat_request(body, body_size, &px->info, &message);
+        if (any) {
+                /* A path the router does not know is an API call when its body names a model;
+                 * anything else is not for a provider to see. */
+                if (k >= 0 && px->info.model)
+                        px->url_suffix = px->url_suffix_buf = upstream_escape_path(r->subpath);
+                if (!px->url_suffix_buf) {
+                        w->stats.rejected++;
+                        request_respond_error(r, 404, "invalid_request_error", NULL,
+                                              "Unknown path '%s'. This router serves POST /v1/chat/completions, "
+                                              "GET /v1/models and GET /health.",
+                                              exchange_path(r->exchange));
+                        return;
+                }
+        }
         if (k < 0) {
                 w->stats.rejected++;
                 request_respond_error(r, 400, "invalid_request_error", NULL, "%s", message);
@@ -876,9 +892,25 @@ static void proxy_start(Request *r) {
         proxy_start_comparisons(px, pick.route, compare);
 }
 
+static void proxy_start(Request *r) {
+        proxy_start_common(r, false);
+}
+
+static void proxy_start_any(Request *r) {
+        proxy_start_common(r, true);
+}
+
 const Handler proxy_handler = {
         .name = "proxy",
         .start = proxy_start,
+        .cancel = proxy_cancel,
+        .writable = proxy_writable,
+        .free = proxy_free,
+};
+
+const Handler proxy_any_handler = {
+        .name = "proxy",
+        .start = proxy_start_any,
         .cancel = proxy_cancel,
         .writable = proxy_writable,
         .free = proxy_free,

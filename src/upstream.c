@@ -242,6 +242,41 @@ void upstream_headers_free(struct curl_slist *l, size_t size) {
         g_free(l);
 }
 
+char *upstream_escape_path(const char *path) {
+        g_autoptr(GString) s = NULL;
+        size_t n;
+
+        if (!path || path[0] != '/')
+                return NULL;
+        n = strlen(path);
+        if (n > 1 && path[n - 1] == '/')
+                n--;
+        if (n > 2048)
+                return NULL;
+
+        s = g_string_sized_new(n + 16);
+        for (size_t i = 0; i < n;) {
+                size_t j = i + 1;
+
+                while (j < n && path[j] != '/')
+                        j++;
+                /* path[i] is '/', the segment is path[i + 1 .. j) */
+                if (j == i + 1 || (j == i + 2 && path[i + 1] == '.') ||
+                    (j == i + 3 && path[i + 1] == '.' && path[i + 2] == '.'))
+                        return NULL;
+                g_string_append_c(s, '/');
+                for (size_t k = i + 1; k < j; k++) {
+                        unsigned char c = (unsigned char) path[k];
+                        if (g_ascii_isalnum(c) || strchr("-._~:@", c))
+                                g_string_append_c(s, (char) c);
+                        else
+                                g_string_append_printf(s, "%%%02X", c);
+                }
+                i = j;
+        }
+        return g_string_free(g_steal_pointer(&s), FALSE);
+}
+
 /* Deadlines are seconds long: a coarse accuracy lets sd-event wake once for many of them. */
 #define UPSTREAM_TIMER_ACCURACY (50 * USEC_PER_MSEC)
 

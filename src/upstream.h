@@ -71,6 +71,13 @@ bool upstream_header_is_forwarded(const char *name, size_t n);
 struct curl_slist *upstream_headers_new(const UpstreamRequest *req, size_t *ret_size);
 void upstream_headers_free(struct curl_slist *l, size_t size);
 
+/* A client's API path ("/responses", "/models/llama3:8b"), as it goes after a provider's BaseURL:
+ * each segment percent-encoded but for letters, digits and "-._~:@" (the path as libmicrohttpd
+ * hands it over is decoded). One trailing '/' is dropped. NULL for a path that does not start
+ * with '/', is longer than 2048 bytes, or has an empty, "." or ".." segment, which would reach
+ * outside the provider's API. */
+char *upstream_escape_path(const char *path);
+
 /* Aborts a running transfer (no callback) and frees. Not from inside on_data/on_response. */
 Upstream *upstream_free(Upstream *u);
 

@@ -557,6 +557,12 @@ class OddProvider:
             return self._answer(conn, record, version, 404,
                                 _error_json("The model '%s' does not exist" % mid, "invalid_request_error",
                                             code="model_not_found"), modes, client_close, rid, h)
+        if method == "POST" and tail == "/responses" and isinstance(data, dict):
+            if data.get("stream"):
+                return self._stream(conn, record, version, data, modes, options, client_close, rid, h,
+                                    events=self._response_events(data, options, rid))
+            return self._answer(conn, record, version, 200, json.dumps(self._response(data, rid)).encode(),
+                                modes, client_close, rid, h)
         if method == "POST" and tail == "/chat/completions":
             if not isinstance(data, dict):
                 return self._answer(conn, record, version, 400,
@@ -671,6 +677,34 @@ class OddProvider:
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
             "usage": self._usage(data, tokens), "system_fingerprint": "fp_odd"}).encode()
 
+    def _response(self, data, rid, status="completed", text=None):
+        """A Responses API answer (POST /v1/responses): input is a string or a list of messages."""
+        inp = data.get("input")
+        if text is None:
+            text = "%s: %s" % (self.name, inp if isinstance(inp, str) else _last_user_text({"messages": inp}))
+        return {"id": "resp_odd_%d" % rid, "object": "response", "created_at": CREATED, "status": status,
+                "model": data.get("model"), "output": [{
+                    "type": "message", "id": "msg_odd_%d" % rid, "status": status, "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+                "usage": {"input_tokens": 5, "output_tokens": len(text.split()), "total_tokens": 5 + len(text.split())}}
+
+    def _response_events(self, data, options, rid):
+        """A Responses API stream: named events, the last one response.completed, no [DONE]."""
+        delay = options["delay_ms"] / 1000.0
+        whole = self._response(data, rid)
+        text = whole["output"][0]["content"][0]["text"]
+
+        def event(name, payload):
+            return ("event: %s\ndata: %s\n\n" % (name, json.dumps(dict(payload, type=name)))).encode()
+
+        out = [(0, event("response.created", {"response": self._response(data, rid, "in_progress", "")}))]
+        for word in _split(text, max(int(options["events"]), 1)):
+            out.append((delay, event("response.output_text.delta", {"item_id": "msg_odd_%d" % rid,
+                                                                    "output_index": 0, "content_index": 0,
+                                                                    "delta": word})))
+        out.append((delay, event("response.completed", {"response": whole})))
+        return out
+
     def _events(self, data, modes, options, rid):
         """The stream as [(seconds to wait before, bytes)], line endings as the modes say."""
         model = data.get("model") or (self.models[0] if self.models else "odd")
@@ -740,11 +774,12 @@ class OddProvider:
             out = [(d, b.replace(b"\n", eol)) for d, b in out]
         return out
 
-    def _stream(self, conn, record, version, data, modes, options, client_close, rid, h):
+    def _stream(self, conn, record, version, data, modes, options, client_close, rid, h, events=None):
         out_version, chunked, eof, close = self._framing(version, modes, True, client_close)
         corrupt = "gzip-corrupt" in modes
         gzip_on = self._gzip(modes, h) or corrupt
-        events = self._events(data, modes, options, rid)
+        if events is None:
+            events = self._events(data, modes, options, rid)
         conn.send(self._head(out_version, 200, "text/event-stream", extra=[("Cache-Control", "no-cache")],
                              close=close, gzip_on=gzip_on, chunked=chunked, rid=rid))
         w = _Body(conn, chunked, gzip_on, corrupt)

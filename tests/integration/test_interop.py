@@ -211,16 +211,6 @@ KNOWN_FAILURES = {
     "test_raw_model_get_mockllm": "10.11",
     "test_raw_model_get_404_aimock": "10.11",
     "test_raw_model_get_404_mockllm": "10.11",
-    # issue 10.11: POST /v1/responses is the router's own 404 "Unknown path", streamed or not
-    "test_client_responses_openai_aimock": "10.11",
-    "test_client_responses_openai_mockllm": "10.11",
-    "test_client_responses_langchain_aimock": "10.11",
-    "test_client_responses_langchain_mockllm": "10.11",
-    "test_client_responses_stream_openai_aimock": "10.11",
-    "test_client_responses_stream_langchain_aimock": "10.11",
-    "test_raw_responses_aimock": "10.11",
-    "test_raw_responses_mockllm": "10.11",
-    "test_raw_responses_stream_aimock": "10.11",
 }
 
 

@@ -39,7 +39,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (LOOPBACK, SLOW, Router, RouterTestCase, chat_body, dump_logs, http_request,  # noqa: E402
-                     main, router_config, run_check_config, split_events, wait_until)
+                     main, router_config, run_check_config, split_events, stream_request, wait_until)
 from oddprovider import EgressProxy, OddProvider, OddProviderProcess, gzip_allowed  # noqa: E402
 import tlsutil  # noqa: E402
 
@@ -592,6 +592,90 @@ class RelayTest(OddCase):
         self.assertEqual(status, 200, payload[:300])
         got = [kv for kv in self.received(self.last()) if kv[0].startswith("x-many-")]
         self.assertEqual(got, [(k.lower(), v) for k, v in lines])
+
+
+class AnyEndpointTest(OddCase):
+    """Item 11: every POST /v1/… whose body names a model is routed like chat."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.odd = OddProvider("odd", ["odd-model"])
+        try:
+            cls.router = Router(lambda port: router_config(port, {"odd": cls.odd.base_url}, default="odd",
+                                                           router={"MaxBodySize": "64K"}),
+                                env={k: None for k in PROXY_VARS})
+        except Exception:
+            dump_logs()
+            cls.odd.close()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        try:
+            cls.router.assert_clean_exit()
+        finally:
+            cls.odd.close()
+
+    def setUp(self):
+        self._procs.append(self.router)
+
+    def paths(self):
+        return [r["path"] for r in self.odd.requests()]
+
+    def test_responses(self):
+        r = self.router.request("POST", "/v1/responses", body={"model": "odd-model", "input": "hi there"})
+        self.assertEqual((r.status, r.header("X-Provider")), (200, "odd"), r)
+        self.assertEqual(r.json()["output"][0]["content"][0]["text"], "odd: hi there")
+        self.assertEqual(r.header("X-Provider-Request-Id"), "odd-odd-%d" % self.odd.requests()[-1]["id"])
+        self.assertEqual(self.paths()[-1], "/v1/responses")
+
+    def test_responses_stream_event_by_event(self):
+        s = stream_request(self.router.port, "/v1/responses",
+                           {"model": "odd-model", "input": "one two three four", "stream": True,
+                            "odd": {"delay_ms": 250, "events": 4}})
+        self.assertEqual((s.status, s.header("X-Provider")), (200, "odd"), s.raw[:300])
+        self.assertTrue(s.header("Content-Type").startswith("text/event-stream"))
+        self.assertTrue(s.complete)
+        # Ends with response.completed, no [DONE], and that is a complete answer, not a cut one.
+        self.assertIn(b"event: response.completed", s.events[-1][1])
+        self.assertNotIn(b"[DONE]", s.raw)
+        self.assertNotIn(b'"error"', s.raw)
+        times = [t for t, ev in s.events if b"output_text.delta" in ev]
+        self.assertGreaterEqual(len(times), 4, s.raw)
+        self.assertGreaterEqual(times[-1] - times[0], 0.5, "events came together, not as sent")
+
+    def test_other_paths_by_model(self):
+        # Passed on under the provider's BaseURL, escaped again as it came.
+        for path, sent in (("/v1/files/abc", "/v1/files/abc"), ("/v1/a%20b/c:d@e", "/v1/a%20b/c:d@e"),
+                           ("/v1/audio/speech/", "/v1/audio/speech")):
+            with self.subTest(path=path):
+                r = self.router.request("POST", path, body={"model": "odd-model", "x": 1})
+                # The odd provider has no such route: its own 404 comes back as it sent it.
+                self.assertEqual((r.status, r.header("X-Provider")), (404, "odd"), r)
+                self.assertIn("no route for POST", r.json()["error"]["message"])
+                self.assertEqual(self.paths()[-1], sent)
+
+    def test_unknown_paths_without_model_are_404(self):
+        before = len(self.odd.requests())
+        for method, path, body in (("POST", "/v1/responses", {"input": "no model"}),
+                                   ("POST", "/v1/responses", b"{not json"),
+                                   ("POST", "/v1/responses", {"model": None}),
+                                   ("POST", "/v1/x", {"model": 42}),
+                                   ("POST", "/v1/a/%2e%2e/b", {"model": "odd-model"}),
+                                   ("POST", "/v1/a//b", {"model": "odd-model"}),
+                                   ("POST", "/v1/./b", {"model": "odd-model"}),
+                                   ("GET", "/v1/responses", None),
+                                   ("POST", "/v2/responses", {"model": "odd-model"})):
+            with self.subTest(method=method, path=path, body=body):
+                r = self.router.request(method, path, body=body)
+                self.assert_error(r, 404, "invalid_request_error", "Unknown path")
+        self.assertEqual(len(self.odd.requests()), before, self.paths()[before:])
+        self.assert_still_serves(self.router)
+
+    def test_too_large_body_is_413(self):
+        r = self.router.request("POST", "/v1/responses", body={"model": "odd-model", "input": "x" * 100000})
+        self.assert_error(r, 413, "invalid_request_error", str(64 * 1024))
+        self.assert_still_serves(self.router)
 
 
 class ProviderRequestIdTest(OddCase):

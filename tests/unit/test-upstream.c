@@ -159,6 +159,37 @@ START_TEST(test_parse_head_line) {
 }
 END_TEST
 
+START_TEST(test_escape_path) {
+        static const struct {
+                const char *path, *want;
+        } cases[] = {
+                { "/responses", "/responses" },
+                { "/models/llama3:8b", "/models/llama3:8b" },
+                { "/models/Qwen/Qwen3-Coder", "/models/Qwen/Qwen3-Coder" },
+                { "/a b/c?d#e%", "/a%20b/c%3Fd%23e%25" },
+                { "/audio/speech/", "/audio/speech" },
+                { "/x/.../y", "/x/.../y" },
+                { "/ü~_-.@", "/%C3%BC~_-.@" },
+                /* refused */
+                { "", NULL }, { "responses", NULL }, { "/", NULL }, { "//", NULL }, { "/a//b", NULL },
+                { "/.", NULL }, { "/..", NULL }, { "/a/../b", NULL }, { "/a/./b", NULL }, { "/a/..", NULL },
+                { "/a/.//", NULL },
+        };
+        g_autofree char *long_path = g_strnfill(2100, 'a');
+
+        for (size_t i = 0; i < ELEMENTSOF(cases); i++) {
+                g_autofree char *got = upstream_escape_path(cases[i].path);
+                if (cases[i].want)
+                        ck_assert_msg(got && streq(got, cases[i].want), "'%s': got '%s'", cases[i].path, strna(got));
+                else
+                        ck_assert_msg(!got, "'%s' accepted as '%s'", cases[i].path, got);
+        }
+        long_path[0] = '/';
+        ck_assert_ptr_null(upstream_escape_path(long_path));
+        ck_assert_ptr_null(upstream_escape_path(NULL));
+}
+END_TEST
+
 static Suite *upstream_suite(void) {
         Suite *s = suite_create("upstream");
         TCase *tc = tcase_create("headers");
@@ -168,6 +199,7 @@ static Suite *upstream_suite(void) {
         tcase_add_test(tc, test_router_lines);
         tcase_add_test(tc, test_many_client_headers);
         tcase_add_test(tc, test_parse_head_line);
+        tcase_add_test(tc, test_escape_path);
         suite_add_tcase(s, tc);
         return s;
 }
