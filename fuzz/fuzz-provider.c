@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* What a provider sends back: the lines of an answer's head (each an exact-size buffer, as
- * curl hands them over), a Retry-After value, a GET /models list and the usage of an answer. */
+ * curl hands them over), a Retry-After value, a GET /models list merged with another one, and
+ * the usage of an answer. */
 #include <assert.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -9,6 +10,7 @@
 #include "config.h"
 #include "health.h"
 #include "inspect.h"
+#include "json-scan.h"
 #include "models.h"
 #include "upstream.h"
 
@@ -43,14 +45,26 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         const char *text = (const char *) data;
         const char *nl = memchr(text, '\n', size);
         g_autofree char *first = g_strndup(text, nl ? (size_t) (nl - text) : size);
-        g_auto(GStrv) ids = NULL;
+        g_autoptr(GString) merged = g_string_new("{\"data\":[");
+        g_autoptr(GHashTable) seen = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
         uint64_t p, c;
+        int n, m;
 
         head_lines(text, size);
         (void) parse_retry_after(first);
-        if (models_parse_list(text, size, &ids) >= 0)
-                for (char **id = ids; *id; id++)
-                        assert(model_name_is_valid(*id));
+        /* Merged twice: the second time every id is taken, so nothing more is added. The
+         * result is a list again, with each entry once. */
+        n = models_list_append(merged, seen, text, size, "fuzz\"provider");
+        m = models_list_append(merged, seen, text, size, "other");
+        assert(n >= -EINVAL && (n < 0) == (m < 0) && m <= 0);
+        g_string_append(merged, "]}");
+        assert(json_scan(merged->str, merged->len, NULL, NULL, NULL) == 0);
+        assert(n < 0 || g_hash_table_size(seen) == (guint) n);
+        if (n > 0) {
+                g_autoptr(GString) again = g_string_new("[");
+                g_autoptr(GHashTable) seen_again = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
+                assert(models_list_append(again, seen_again, merged->str, merged->len, "again") == n);
+        }
         (void) inspect_usage(text, size, &p, &c);
         return 0;
 }

@@ -201,6 +201,7 @@ static Config *config_new_empty(void) {
         c->stream_buffer_size = 16 * 1024;
         c->max_connections = 4096;
         c->cors_allow_origin = g_strdup("*");
+        c->models_cache_usec = 10 * USEC_PER_SEC;
         c->failure_threshold = 3;
         c->cooldown_usec = 30 * USEC_PER_SEC;
         c->max_cooldown_usec = 300 * USEC_PER_SEC;
@@ -646,6 +647,13 @@ static void parse_router_group(Parser *p, GKeyFile *kf) {
                         set_seconds(p, group, key, &c->retry_backoff_usec, v);
                 else if (streq(key, "MaxRetryWaitSec"))
                         set_seconds(p, group, key, &c->max_retry_wait_usec, v);
+                else if (streq(key, "ModelsCacheSec")) {
+                        /* 0 turns the cache off. */
+                        if (streq(v, "0"))
+                                c->models_cache_usec = 0;
+                        else
+                                set_seconds(p, group, key, &c->models_cache_usec, v);
+                }
                 else if (streq(key, "ClientTokensCredential")) {
                         if (!isempty(v) && (strchr(v, '/') || streq(v, ".") || streq(v, "..")))
                                 parser_error(p, "%s: [Router] ClientTokensCredential='%s' must be a credential name, not a path",

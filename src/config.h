@@ -106,6 +106,7 @@ typedef struct Config {
         uint64_t stream_buffer_size;
         unsigned max_connections;
         char *cors_allow_origin;   /* NULL disables CORS headers */
+        usec_t models_cache_usec;  /* how long the merged GET /v1/models list is kept; 0 = not */
 
         /* failover and health */
         unsigned failure_threshold; /* failures in a row that mark a provider down; 0 = never */

@@ -29,8 +29,9 @@ static const HttpRoute routes[] = {
         { "/v1/models", METHODS_GET, &models_handler, "/models" },
         { "/health", METHODS_GET, &health_handler, NULL, .open = true, .quiet = true },
         { "/metrics", METHODS_GET, &metrics_handler, NULL, .quiet = true },
-        /* Tried after every exact path: any other endpoint of the OpenAI API, routed by the
-         * model its body names (without one: 404). */
+        /* Tried after every exact path: one model of one provider, and any other endpoint of
+         * the OpenAI API, routed by the model its body names (without one: 404). */
+        { "/v1/models/", METHODS_GET, &models_handler, NULL, .prefix = true },
         { "/v1/", METHODS_POST, &proxy_any_handler, NULL, .prefix = true },
 };
 

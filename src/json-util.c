@@ -1,6 +1,20 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #include "json-util.h"
 
+void json_append_string(GString *out, const char *s) {
+        g_string_append_c(out, '"');
+        for (const char *c = s; *c; c++) {
+                if (*c == '"' || *c == '\\') {
+                        g_string_append_c(out, '\\');
+                        g_string_append_c(out, *c);
+                } else if ((unsigned char) *c < 0x20)
+                        g_string_append_printf(out, "\\u%04x", (unsigned) (unsigned char) *c);
+                else
+                        g_string_append_c(out, *c);
+        }
+        g_string_append_c(out, '"');
+}
+
 char *json_builder_to_string(JsonBuilder *b, size_t *ret_size) {
         g_autoptr(JsonGenerator) gen = json_generator_new();
         g_autoptr(JsonNode) root = json_builder_get_root(b);

@@ -9,6 +9,10 @@
  * code may be NULL. */
 char *json_error_body(const char *type, const char *message, const char *provider, const char *code);
 
+/* Appends s (UTF-8) as a JSON string, quotes included: '"' and '\\' escaped, control characters
+ * as \\u00XX, everything else as it is. */
+void json_append_string(GString *out, const char *s);
+
 /* Serialises the builder's root compactly; frees nothing. */
 char *json_builder_to_string(JsonBuilder *b, size_t *ret_size);
 

@@ -9,6 +9,7 @@
 
 #include "dispatch.h"
 #include "log.h"
+#include "models.h"
 #include "manager.h"
 
 typedef struct ManagerListener {
@@ -196,6 +197,7 @@ int manager_reload(Manager *m, char **ret_error) {
         m->config = TAKE_PTR(c);
         m->providers = providers;
         m->router = router;
+        m->worker.models_cache = models_cache_free(m->worker.models_cache);
         manager_publish(m);
         log_set_max_level(m->config->log_level);
 
@@ -333,6 +335,7 @@ Manager *manager_free(Manager *m) {
         m->worker.front = exchange_front_free(m->worker.front);
         m->worker.mirrors = mirror_pool_free(m->worker.mirrors);
         m->worker.comparisons = compare_store_free(m->worker.comparisons);
+        m->worker.models_cache = models_cache_free(m->worker.models_cache);
         sd_event_source_disable_unref(m->shutdown_timer);
         if (m->providers)
                 provider_set_retire(m->providers);

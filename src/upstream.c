@@ -583,6 +583,8 @@ int upstream_start(CurlGlue *glue, sd_event *event, const UpstreamRequest *req, 
          * provider's Content-Encoding or Content-Length, see header_is_passed()). */
         curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "");
         upstream_apply_provider(e, req->provider);
+        if (req->head)
+                curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
         if (req->post) {
                 curl_easy_setopt(e, CURLOPT_POST, 1L);
                 curl_easy_setopt(e, CURLOPT_POSTFIELDS, req->body);

@@ -40,6 +40,7 @@ typedef void (*UpstreamHeaderForeach)(const void *source, UpstreamHeaderFunc fun
 typedef struct UpstreamRequest {
         const char *url;
         bool post;
+        bool head;                  /* HEAD: the answer's head only */
         const char *body;           /* borrowed: must live as long as the transfer */
         size_t body_size;
         const char *api_key;        /* sent as "Authorization: Bearer …" */

@@ -25,6 +25,7 @@ typedef struct Worker {
 
         MirrorPool *mirrors;          /* requests the router makes on its own behalf */
         CompareStore *comparisons;
+        struct ModelsCache *models_cache; /* the lists GET /v1/models keeps; emptied on reload */
 
         Stats stats;
         usec_t started_usec;          /* CLOCK_MONOTONIC */

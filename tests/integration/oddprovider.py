@@ -341,6 +341,9 @@ class OddProvider:
         self.options = dict(DEFAULT_OPTIONS)
         self.options.update(parse_options(options or {}))
         self.records = []
+        self.accepted = 0           # connections, since the start or reset()
+        self.active = 0
+        self.max_active = 0
         self.tls_errors = []        # handshakes that failed, as strings
         self.counter = 0
         self.stopping = threading.Event()
@@ -389,6 +392,12 @@ class OddProvider:
         with self.lock:
             self.records = []
             self.tls_errors = []
+            self.accepted = self.max_active = 0
+
+    def connections(self):
+        """{"accepted": connections accepted, "max_active": most open at once} since reset()."""
+        with self.lock:
+            return {"accepted": self.accepted, "max_active": self.max_active}
 
     def close(self):
         self.stopping.set()
@@ -417,6 +426,10 @@ class OddProvider:
 
     def _serve(self, sock):
         peer_cert = None
+        with self.lock:
+            self.accepted += 1
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
         try:
             if self.ctx:
                 sock.settimeout(IO_TIMEOUT)
@@ -457,6 +470,8 @@ class OddProvider:
         except (OSError, EOFError, TimeoutError, ValueError):
             pass
         finally:
+            with self.lock:
+                self.active -= 1
             try:
                 sock.close()
             except OSError:

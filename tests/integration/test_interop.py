@@ -193,24 +193,7 @@ CLIENT_HEADERS_NOT_COMPARED = {"x-request-id", "x-provider-request-id", "x-provi
 # test_request_headers_<client>_<provider>) that fail on today's code, each with its reason. Remove
 # an entry when the fix lands: an unexpected success fails the run.
 KNOWN_FAILURES = {
-    # issue 10.3: a list asked of one provider is rebuilt: created 0, owned_by the router's name
-    # for the provider, a "provider" member added, every other field dropped, mapped model names
-    # added, the provider's Content-Type and other headers replaced
-    "test_client_models_one_provider_openai_aimock": "10.3",
-    "test_client_models_one_provider_openai_mockllm": "10.3",
-    "test_raw_models_one_provider_aimock": "10.3",
-    "test_raw_models_one_provider_mockllm": "10.3",
-    # issue 10.3: the provider's 401 on /models becomes the router's 502 connection_error
-    # (openai client: InternalServerError instead of AuthenticationError)
-    "test_client_models_401_openai_mockllm": "10.3",
-    "test_raw_models_401_mockllm": "10.3",
-    # issue 10.11: GET /v1/models/{id} is the router's own 404 "Unknown path", never the provider's
-    "test_client_model_get_openai_mockllm": "10.11",
-    "test_client_model_get_404_openai_aimock": "10.11",
-    "test_client_model_get_404_openai_mockllm": "10.11",
-    "test_raw_model_get_mockllm": "10.11",
-    "test_raw_model_get_404_aimock": "10.11",
-    "test_raw_model_get_404_mockllm": "10.11",
+    # none left: every case of issue 10 passes
 }
 
 
@@ -433,9 +416,6 @@ class InteropTest(RouterTestCase):
                 return entry
         raise AssertionError("no request '%s' in aimock's journal" % tag)
 
-    @unittest.expectedFailure
-    # issue 10.3: the merged list is rebuilt from ids: created becomes 0, owned_by the router's
-    # provider name, every other field (context_length, capabilities, permission…) is dropped
     def test_models_merged_keeps_every_field(self):
         """Without X-Provider the merged list has every provider's entries, each with every field
         the provider sent (the router may add fields, never drop or change one)."""
@@ -451,8 +431,6 @@ class InteropTest(RouterTestCase):
                 self.assertEqual(changed, {}, "%s's entry %s: field: (through the router, as the provider "
                                  "sent it)" % (provider, entry["id"]))
 
-    @unittest.expectedFailure
-    # issue 10.3: HEAD /v1/models asks every provider for its list, as GET does
     def test_head_models_does_not_fan_out(self):
         """HEAD /v1/models is answered without asking every provider for its list. (aimock does not
         journal /v1/models and mock-llm counts nothing: tests/mock/mock-provider counts.)"""

@@ -30,6 +30,7 @@ import http.client
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import sys
@@ -82,8 +83,8 @@ def data_events(raw):
 class OddCase(RouterTestCase):
     """Odd providers, proxies and PKI for one test, stopped at its end."""
 
-    def start_odd(self, name="odd", **kw):
-        p = OddProvider(name, ["%s-model" % name], **kw)
+    def start_odd(self, name="odd", models=None, **kw):
+        p = OddProvider(name, list(models or ["%s-model" % name]), **kw)
         self.addCleanup(p.close)
         return p
 
@@ -97,11 +98,11 @@ class OddCase(RouterTestCase):
             self.skipTest("no openssl command")
         return tlsutil.shared_pki()
 
-    def router_over(self, providers, default=None, keys=None, env=None):
+    def router_over(self, providers, default=None, keys=None, env=None, mappings=None):
         base = {k: None for k in PROXY_VARS}
         base.update(env or {})
-        return self.start_router(lambda port: router_config(port, providers, default=default, router=keys),
-                                 env=base)
+        return self.start_router(lambda port: router_config(port, providers, default=default, router=keys,
+                                                            mappings=mappings), env=base)
 
     def metrics(self, router):
         r = router.request("GET", "/metrics")
@@ -676,6 +677,203 @@ class AnyEndpointTest(OddCase):
         r = self.router.request("POST", "/v1/responses", body={"model": "odd-model", "input": "x" * 100000})
         self.assert_error(r, 413, "invalid_request_error", str(64 * 1024))
         self.assert_still_serves(self.router)
+
+
+class ModelsTest(OddCase):
+    """Item 3 (and the GET /v1/models/{id} of item 11): lists relayed as sent, merged without
+    losing a field, HEAD without a fan-out, and a cache that keeps a few hundred providers from
+    meaning a few hundred requests."""
+
+    def direct(self, odd, path, headers=None):
+        return http_request(odd.port, "GET", path, headers=headers)
+
+    def test_one_provider_relayed_as_sent(self):
+        odd, other = self.start_odd("odd", models=("odd-model", "shared")), self.start_odd("other")
+        router = self.router_over({"odd": odd.base_url, "other": other.base_url}, mappings={"mapped": "odd"})
+        r = router.request("GET", "/v1/models", headers={"X-Provider": "odd"})
+        want = self.direct(odd, "/v1/models")
+        self.assertEqual((r.status, r.header("X-Provider")), (200, "odd"), r)
+        self.assertEqual(r.body, want.body)
+        self.assertEqual(r.header("Content-Type"), want.header("Content-Type"))
+        self.assertEqual(r.header("X-Odd-Provider"), "odd")
+        # (the router's request was the first one the provider saw; the direct one the second)
+        self.assertEqual(r.header("X-Provider-Request-Id"), "odd-odd-%d" % odd.requests()[0]["id"])
+        # Nobody else was asked.
+        self.assertEqual(other.requests(), [])
+        # HEAD goes to that one provider as a HEAD.
+        r = router.request("HEAD", "/v1/models", headers={"X-Provider": "odd"})
+        self.assertEqual((r.status, r.body), (200, b""))
+        self.assertEqual(odd.requests()[-1]["method"], "HEAD")
+        self.assert_still_serves(router)
+
+    def test_one_provider_errors(self):
+        odd = self.start_odd("odd")
+        closed = socket.socket()
+        closed.bind((LOOPBACK, 0))
+        port = closed.getsockname()[1]
+        closed.close()
+        router = self.router_over({"refusing": odd.url("models-401"), "gone": "http://%s:%d/v1" % (LOOPBACK, port)})
+        r = router.request("GET", "/v1/models", headers={"X-Provider": "refusing"})
+        want = self.direct(odd, "/models-401/v1/models")
+        self.assertEqual((r.status, r.body), (401, want.body))
+        self.assertEqual(r.json()["error"]["code"], "invalid_api_key")
+        r = router.request("GET", "/v1/models", headers={"X-Provider": "gone"})
+        self.assert_error(r, 502, "connection_error", provider="gone")
+        r = router.request("GET", "/v1/models", headers={"X-Provider": "nobody"})
+        self.assert_error(r, 400, "invalid_request_error", "nobody")
+        self.assert_still_serves(router)
+
+    def test_merged_keeps_every_field(self):
+        first = self.start_odd("first", models=("first-model", "shared"))
+        second = self.start_odd("second", models=("second-model", "shared"))
+        router = self.router_over({"first": first.base_url, "second": {"BaseURL": second.base_url, "Models": "extra"}},
+                                  mappings={"mapped": "second"}, keys={"ModelsCacheSec": "0"})
+        r = router.request("GET", "/v1/models")
+        self.assertEqual(r.status, 200, r)
+        got = r.json()["data"]
+        ids = [e["id"] for e in got]
+        self.assertEqual(ids, ["first-model", "shared", "second-model", "extra", "echo", "mapped"])
+        entries = {e["id"]: e for e in got}
+        for odd, mid in ((first, "first-model"), (first, "shared"), (second, "second-model")):
+            own = {e["id"]: e for e in self.direct(odd, "/v1/models").json()["data"]}[mid]
+            self.assertEqual({k: v for k, v in entries[mid].items() if k != "provider"}, own)
+            self.assertEqual(entries[mid]["provider"], odd.name)
+        # The entries' bytes are the provider's: its spacing, its number formats.
+        raw = self.direct(first, "/v1/models").body
+        self.assertIn(raw[raw.index(b'{"id": "first-model"'):raw.index(b'}}', raw.index(b'first-model')) + 1], r.body)
+        self.assertEqual(entries["extra"], {"id": "extra", "object": "model", "created": 0, "owned_by": "second",
+                                            "provider": "second"})
+        self.assertEqual(entries["mapped"]["provider"], "second")
+        self.assert_still_serves(router)
+
+    def test_head_merged_asks_nobody(self):
+        odd = self.start_odd()
+        router = self.router_over({"odd": odd.base_url}, keys={"ModelsCacheSec": "0"})
+        r = router.request("HEAD", "/v1/models")
+        self.assertEqual((r.status, r.body), (200, b""))
+        self.assertTrue(r.header("Content-Type").startswith("application/json"))
+        self.assertEqual(odd.requests(), [])
+        self.assert_still_serves(router)
+
+    def test_model_get(self):
+        odd, other = self.start_odd("odd", models=("odd-model",)), self.start_odd("other", models=("other-model",))
+        router = self.router_over({"odd": odd.base_url, "other": other.base_url}, default="odd",
+                                  mappings={"other-model": "other"})
+        # By the route of the model id, as the provider sent it.
+        for path, provider, status in (("/v1/models/odd-model", "odd", 200), ("/v1/models/other-model", "other", 200),
+                                       ("/v1/models/nope", "odd", 404), ("/v1/models/odd-model/", "odd", 200)):
+            with self.subTest(path=path):
+                r = router.request("GET", path)
+                self.assertEqual((r.status, r.header("X-Provider")), (status, provider), r)
+                prov = odd if provider == "odd" else other
+                self.assertEqual(r.body, self.direct(prov, path.rstrip("/")).body)
+        # X-Provider wins; the id is escaped again on the way.
+        r = router.request("GET", "/v1/models/odd-model", headers={"X-Provider": "other"})
+        self.assertEqual((r.status, r.header("X-Provider")), (404, "other"), r)
+        r = router.request("GET", "/v1/models/a%20b:c%2Fd")
+        self.assertEqual(r.status, 404, r)
+        self.assertEqual(odd.requests()[-1]["path"], "/v1/models/a%20b:c/d")
+        # Paths that would leave the provider's API never reach it.
+        before = len(odd.requests())
+        for path in ("/v1/models/a/../../admin", "/v1/models/.", "/v1/models/a//b"):
+            r = router.request("GET", path)
+            self.assert_error(r, 404, "invalid_request_error", "Unknown path")
+        self.assertEqual(len(odd.requests()), before)
+        r = router.request("GET", "/v1/models/x", headers={"X-Provider": "nobody"})
+        self.assert_error(r, 400, "invalid_request_error", "nobody")
+        self.assert_still_serves(router)
+
+
+class ModelsCacheTest(OddCase):
+    """Item 3: a few hundred providers on two servers; ModelsCacheSec=."""
+
+    N = 300
+
+    def providers(self, a, b, distinct=False):
+        out = {}
+        for i in range(self.N):
+            odd = a if i % 2 == 0 else b
+            # Distinct paths on the same server: nothing to share but the connections.
+            out["p%03d" % i] = odd.url() if not distinct else "%s/p%03d/v1" % (odd.origin, i)
+        return out
+
+    def list_requests(self, *odds):
+        return [len([r for r in o.requests() if r["path"].endswith("/models")]) for o in odds]
+
+    def test_same_server_asked_once_and_cached(self):
+        a, b = self.start_odd("a", models=("a-model",)), self.start_odd("b", models=("b-model",))
+        router = self.router_over(self.providers(a, b), keys={"ModelsCacheSec": "30"})
+        r = router.request("GET", "/v1/models")
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual([e["id"] for e in r.json()["data"]][:2], ["a-model", "b-model"])
+        # 300 providers, two answers: each server asked once.
+        self.assertEqual(self.list_requests(a, b), [1, 1])
+        # Then from the cache.
+        r2 = router.request("GET", "/v1/models")
+        self.assertEqual(r2.body, r.body)
+        self.assertEqual(self.list_requests(a, b), [1, 1])
+        # A list asked with the client's own credential is neither served from the cache nor kept.
+        r3 = router.request("GET", "/v1/models", headers={"Authorization": "Bearer sk-client-own"})
+        self.assertEqual(r3.status, 200, r3)
+        self.assertEqual(self.list_requests(a, b), [2, 2])
+        self.assertEqual(dict(map(tuple, a.requests()[-1]["headers"])).get("Authorization"), "Bearer sk-client-own")
+        router.request("GET", "/v1/models")
+        self.assertEqual(self.list_requests(a, b), [2, 2])
+        # A reload empties it.
+        router.send_signal(signal.SIGHUP)
+        wait_until(lambda: "Configuration reloaded" in router.log(limit=None), 10 * SLOW, what="the reload")
+        r4 = router.request("GET", "/v1/models")
+        self.assertEqual(r4.body, r.body)
+        self.assertEqual(self.list_requests(a, b), [3, 3])
+        self.assert_still_serves(router)
+
+    def test_distinct_lists_few_connections(self):
+        a, b = self.start_odd("a", models=("a-model",)), self.start_odd("b", models=("b-model",))
+        router = self.router_over(self.providers(a, b, distinct=True), keys={"ModelsCacheSec": "0"})
+        for round in (1, 2):
+            with self.subTest(round=round):
+                a.reset()
+                b.reset()
+                r = router.request("GET", "/v1/models")
+                self.assertEqual(r.status, 200, r)
+                self.assertEqual(self.list_requests(a, b), [self.N // 2, self.N // 2])
+                # 300 lists, at most 16 at a time, on connections that are kept and reused: a
+                # handful of connections per server, not 150.
+                for odd in (a, b):
+                    c = odd.connections()
+                    self.assertLessEqual(c["max_active"], 16, c)
+                    self.assertLessEqual(c["accepted"], 16, c)
+        self.assert_still_serves(router)
+
+    def test_cache_expires(self):
+        a = self.start_odd("a", models=("a-model",))
+        router = self.router_over({"a": a.base_url}, keys={"ModelsCacheSec": "0.5"})
+        router.request("GET", "/v1/models")
+        router.request("GET", "/v1/models")
+        self.assertEqual(self.list_requests(a), [1])
+        time.sleep(0.7)
+        router.request("GET", "/v1/models")
+        self.assertEqual(self.list_requests(a), [2])
+
+    def test_cache_off(self):
+        a = self.start_odd("a", models=("a-model",))
+        router = self.router_over({"a": a.base_url}, keys={"ModelsCacheSec": "0"})
+        for _ in range(3):
+            self.assertEqual(router.request("GET", "/v1/models").status, 200)
+        self.assertEqual(self.list_requests(a), [3])
+
+    def test_unanswered_lists_do_not_hold_up_every_request(self):
+        a, hung = self.start_odd("a", models=("a-model",)), self.start_odd("hung")
+        router = self.router_over({"a": a.base_url, "hung": {"BaseURL": hung.url("hang"), "RequestTimeoutSec": "1"}},
+                                  keys={"ModelsCacheSec": "60"})
+        r = router.request("GET", "/v1/models", timeout=30)
+        self.assertEqual(r.status, 200, r)
+        self.assertIn("a-model", [e["id"] for e in r.json()["data"]])
+        start = time.monotonic()
+        r = router.request("GET", "/v1/models")
+        self.assertEqual(r.status, 200, r)
+        self.assertLess(time.monotonic() - start, 1.0)
+        self.assert_still_serves(router)
 
 
 class ProviderRequestIdTest(OddCase):

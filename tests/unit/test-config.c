@@ -1420,6 +1420,7 @@ static const DocumentedDefault documented_defaults[] = {
         ROUTER("MaxCooldownSec", max_cooldown_usec, FIELD_USEC),
         ROUTER("RetryBackoffSec", retry_backoff_usec, FIELD_USEC),
         ROUTER("MaxRetryWaitSec", max_retry_wait_usec, FIELD_USEC),
+        ROUTER("ModelsCacheSec", models_cache_usec, FIELD_USEC),
         PROVIDER("Kind", kind, FIELD_KIND),
         PROVIDER("MaxConcurrent", max_concurrent, FIELD_UNSIGNED),
         { "Provider", "Fallbacks", FIELD_NONE, 0, "none", check_no_fallbacks },
@@ -1764,6 +1765,31 @@ START_TEST(test_tls_keys_refused) {
 }
 END_TEST
 
+START_TEST(test_models_cache_sec) {
+        static const struct {
+                const char *value;
+                usec_t want; /* USEC_INFINITY: refused */
+        } cases[] = {
+                { "0", 0 }, { "2.5", 2500 * USEC_PER_MSEC }, { "60", 60 * USEC_PER_SEC },
+                { "-1", USEC_INFINITY }, { "soon", USEC_INFINITY }, { "", USEC_INFINITY },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(cases); i++) {
+                g_autofree char *text = g_strdup_printf("[Router]\nModelsCacheSec=%s\n", cases[i].value);
+                g_autofree char *path = write_conf("router.conf", text);
+                ConfigSources src = { .path = path };
+
+                if (cases[i].want == USEC_INFINITY) {
+                        g_autoptr(GPtrArray) errors = load_fail(&src);
+                        assert_message(errors, "ModelsCacheSec");
+                } else {
+                        g_autoptr(Config) c = load_ok(&src, NULL);
+                        ck_assert_uint_eq(c->models_cache_usec, cases[i].want);
+                }
+        }
+}
+END_TEST
+
 static Suite *config_suite(void) {
         Suite *s = suite_create("config");
         TCase *tc;
@@ -1807,6 +1833,7 @@ static Suite *config_suite(void) {
         tcase_add_test(tc, test_warnings_for_unknown_keys_and_sections);
         tcase_add_test(tc, test_warnings_returned_on_failure);
         tcase_add_test(tc, test_log_levels);
+        tcase_add_test(tc, test_models_cache_sec);
         suite_add_tcase(s, tc);
 
         tc = tcase_create("secrets");
