@@ -197,18 +197,22 @@ static void exchange_client_left(Exchange *x) {
 
 /* The client sent FIN. That is either a client that left, or one that only finished sending
  * (shutdown(SHUT_WR), as 'nc -N' does) and waits for its answer: they look the same until
- * something is written. So something harmless is written — an interim "100 Continue" before the
- * answer began (HTTP/1.1 clients must skip unexpected 1xx answers), or nothing when the answer
- * is under way, whose next bytes do the same — and a client that left answers it with a reset,
- * which is noticed at once. */
+ * something is written. So something harmless is written, and a client that left answers it
+ * with a reset, which is noticed at once: before the answer began, an interim "100 Continue"
+ * (HTTP/1.1 clients must skip unexpected 1xx answers); in a stream, whose next event may be long
+ * in coming, an SSE comment between two whole events (every event-stream reader skips it). A
+ * whole answer being written needs nothing: its own bytes do the same. */
 static void exchange_on_peer_shut_write(Exchange *x, int fd) {
         static const char interim[] = "HTTP/1.1 100 Continue\r\n\r\n";
+        static const char comment[] = ":\n\n";
 
         x->peer_shut_write = true;
         /* From now on only a reset or an error is news. */
         (void) sd_event_source_set_io_events(x->hup, 0);
         if (!x->queued && streq(strempty(x->version), MHD_HTTP_VERSION_1_1))
                 (void) send(fd, interim, STRLEN(interim), MSG_NOSIGNAL | MSG_DONTWAIT);
+        else if (x->queued && x->stream && !x->stream_ended)
+                exchange_stream_write(x, comment, STRLEN(comment));
 }
 
 static int exchange_on_hup(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
@@ -254,19 +258,22 @@ static void exchange_watch_hangup(Exchange *x) {
 
 static int front_on_hup_sweep(sd_event_source *s, uint64_t usec, void *userdata) {
         ExchangeFront *f = userdata;
-        bool pending = false;
+        usec_t now = front_now(f), next = USEC_INFINITY;
 
+        /* Against the loop's time, not the time the sweep was due: a stream whose events come
+         * in step with the sweep (every 500 ms) re-parks just after each due time, and would
+         * never be watched. The next sweep is due when the next parked one has waited enough. */
         for (GList *l = f->exchanges; l; l = l->next) {
                 Exchange *x = l->data;
                 if (!x->suspended || x->hup)
                         continue;
-                if (usec >= x->parked_at + HUP_WATCH_DELAY)
+                if (now >= x->parked_at + HUP_WATCH_DELAY)
                         exchange_watch_hangup(x);
                 else
-                        pending = true;
+                        next = MIN(next, x->parked_at + HUP_WATCH_DELAY);
         }
-        if (pending) {
-                (void) sd_event_source_set_time(s, usec + HUP_WATCH_DELAY);
+        if (next != USEC_INFINITY) {
+                (void) sd_event_source_set_time(s, next);
                 (void) sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
         }
         return 0;

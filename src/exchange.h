@@ -71,7 +71,10 @@ bool exchange_body_too_large(const Exchange *x);
 void exchange_add_header(Exchange *x, const char *name, const char *value);
 /* Answers whole; takes body (freed with g_free; NULL with size 0 for none). */
 void exchange_respond(Exchange *x, unsigned status, char *body, size_t size);
-/* Answers with a stream of unknown length: the status and headers, then what is written. */
+/* Answers with a stream of unknown length: the status and headers, then what is written. A
+ * stream is server-sent events, written whole events at a time: between two writes the exchange
+ * may send an SSE comment of its own (":\n\n", to tell a client that half-closed its side from
+ * one that left). */
 void exchange_stream_begin(Exchange *x, unsigned status);
 void exchange_stream_write(Exchange *x, const char *data, size_t size);
 /* True when the stream holds more than its buffer size: stop producing until writable(). */

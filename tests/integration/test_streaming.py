@@ -5,6 +5,7 @@ disconnects that cancel the upstream transfer, and back-pressure from a slow cli
 
 import json
 import os
+import socket
 import sys
 import time
 
@@ -268,6 +269,120 @@ class StreamingTest(SharedRouterTestCase):
         self.assertTrue(complete)
         self.assertIn(b"data: [DONE]", body)
         wait_until(lambda: not router.alive(), 15 * SLOW, what="router to exit after the stream")
+
+
+class HangUpTest(SharedRouterTestCase):
+    """Issue 10.8: a client that half-closes its sending side (shutdown(SHUT_WR), as 'nc -N'
+    does) still gets its whole answer; a client that leaves has its upstream transfer stopped
+    promptly, before the answer and between two events alike."""
+
+    # How soon after the client leaves the mock must see its transfer aborted: the router's
+    # reaction plus the mock's own 50 ms poll.
+    PROMPT = 0.15 * SLOW
+
+    def half_closed(self, body):
+        """Sends body, shuts down the sending side, reads to the end; returns (interim statuses,
+        status, headers, body bytes, complete)."""
+        c = RawClient(self.router.port)
+        self.addCleanup(c.close)
+        c.send_request("POST", "/v1/chat/completions", body)
+        c.sock.shutdown(socket.SHUT_WR)
+        interim = []
+        while True:
+            status, headers = c.read_head()
+            if status >= 200:
+                break
+            interim.append(status)
+        if headers.get("transfer-encoding") == "chunked":
+            data, complete = c.read_chunked_body()
+        else:
+            n = int(headers.get("content-length", "0"))
+            while len(c.buf) < n:
+                c._fill()
+            data, complete = c.buf[:n], True
+        return interim, status, headers, data, complete
+
+    def test_half_closed_gets_whole_answer(self):
+        interim, status, headers, data, complete = self.half_closed(
+            chat_body("patience please", mock={"delay_ms": 1500}))
+        self.assertEqual((status, headers.get("x-provider")), (200, "alpha"))
+        self.assertTrue(complete)
+        self.assertEqual(json.loads(data)["choices"][0]["message"]["content"], "alpha: patience please")
+        # The router probed the connection before the answer with an interim answer, which
+        # HTTP/1.1 clients skip.
+        self.assertLessEqual(set(interim), {100})
+        self.assert_still_serves(self.router, self.alpha)
+
+    def test_half_closed_gets_whole_stream(self):
+        for mock in ({"delay_ms": 1200, "frames": 3}, {"frames": 4, "frame_delay_ms": 400}):
+            with self.subTest(mock=mock):
+                interim, status, headers, data, complete = self.half_closed(
+                    chat_body("one two three four", stream=True, mock=mock))
+                self.assertEqual(status, 200)
+                self.assertTrue(complete, data[-200:])
+                self.assertTrue(data.endswith(b"data: [DONE]\n\n"), data[-200:])
+                text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                               for line in data.split(b"\n") if line.startswith(b"data: {"))
+                self.assertEqual(text, "alpha: one two three four")
+        self.assert_still_serves(self.router, self.alpha)
+
+    def test_half_closed_mid_stream_gets_the_rest(self):
+        c = RawClient(self.router.port)
+        self.addCleanup(c.close)
+        c.send_request("POST", "/v1/chat/completions",
+                       chat_body("a b c d e", stream=True, mock={"frames": 5, "frame_delay_ms": 300}))
+        status, _ = c.read_head()
+        self.assertEqual(status, 200)
+        c.read_until(b'"content":"')
+        time.sleep(0.1)
+        c.sock.shutdown(socket.SHUT_WR)
+        data, complete = c.read_chunked_body()
+        self.assertTrue(complete)
+        self.assertTrue(data.endswith(b"data: [DONE]\n\n"), data[-200:])
+        # Every event whole; what the router sent to probe the connection is an SSE comment
+        # between two of them, which event-stream readers skip.
+        events = data.split(b"\n\n")
+        self.assertTrue(all(e.startswith(b"data: ") or e in (b":", b"") for e in events), data)
+        self.assertEqual(self.alpha.stats()["streams_completed"], 1)
+        self.assert_still_serves(self.router, self.alpha)
+
+    def test_leaving_mid_stream_aborts_at_once(self):
+        c = RawClient(self.router.port)
+        c.send_request("POST", "/v1/chat/completions",
+                       chat_body("go", stream=True, mock={"frames": 40, "frame_delay_ms": 500}))
+        status, _ = c.read_head()
+        self.assertEqual(status, 200)
+        # A few events in (the router watches a parked connection after its first pause), then
+        # away in the middle of a pause.
+        for n in range(1, 4):
+            c.read_until(b'"content":"' * 1)
+            c.buf = c.buf[c.buf.index(b'"content":"') + 11:]
+        time.sleep(0.2)
+        left = time.monotonic()
+        c.close()
+        self.alpha.wait_stat("streams_aborted", 1, timeout=5)
+        elapsed = time.monotonic() - left
+        self.assertLess(elapsed, self.PROMPT, "upstream stopped %.3f s after the client left" % elapsed)
+        self.assertEqual(self.alpha.stats()["streams_completed"], 0)
+        self.assert_still_serves(self.router, self.alpha)
+
+    def test_leaving_before_the_answer_aborts_at_once(self):
+        for wait in (0.6, 0.05):
+            with self.subTest(wait=wait):
+                self.alpha.reset()
+                c = RawClient(self.router.port)
+                c.send_request("POST", "/v1/chat/completions", chat_body("go", mock={"hang": True}))
+                self.alpha.wait_stat("hangs", 1)
+                time.sleep(wait)
+                left = time.monotonic()
+                c.close()
+                self.alpha.wait_stat("hangs_aborted", 1, timeout=5)
+                elapsed = time.monotonic() - left
+                # Watched from the first pause on; one that leaves sooner is seen when the
+                # watch begins (250 ms after the request parked).
+                limit = self.PROMPT if wait > 0.3 else 0.25 * SLOW + self.PROMPT
+                self.assertLess(elapsed, limit, "upstream stopped %.3f s after the client left" % elapsed)
+        self.assert_still_serves(self.router, self.alpha)
 
 
 if __name__ == "__main__":
