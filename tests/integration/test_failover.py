@@ -654,6 +654,27 @@ class BreakerTest(FailoverCase):
         self.assertIn(self.state(router, "flaky"), ("unknown", "up"))
         self.assertEqual(len(self.flaky.chats()), 4)
 
+    def test_too_large_answers_do_not_trip(self):
+        """The router's own MaxResponseSize= refusal is about the answer, not the provider: many
+        in a row do not mark it down, and the provider keeps serving answers that fit."""
+        big = self.start_mock("big")
+        router = self.start_chain({"big": big.base_url}, default="big",
+                                  keys=dict(self.keys, MaxResponseSize="4K"))
+        for i in range(4):
+            r = router.chat(chat_body("large", mock={"size": 20000}))
+            self.assert_error(r, 502, "provider_error", "4096", provider="big")
+            s = router.stream(chat_body("large", stream=True, mock={"size": 20000, "frames": 2}))
+            self.assertEqual(s.status, 200, s.raw[:200])
+            self.assertIn(b"larger than 4096 bytes", s.raw)
+            self.assertNotIn(b"[DONE]", s.raw)
+            h = self.health(router)["providers"]["big"]
+            self.assertEqual(h.get("consecutive_failures", 0), 0, h)
+            self.assertNotIn(h["state"], ("down", "probing"), h)
+        self.assertEqual(big.stats()["chat"], 8)
+        r = router.chat(chat_body("small"))
+        self.assert_ok_from(r, "big", "big: small")
+        self.assert_still_serves(router)
+
     def test_refused_trips_and_recovers(self):
         """A provider that is not there at all: down after the threshold, up once it listens."""
         port = closed_port()
