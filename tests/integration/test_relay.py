@@ -4,11 +4,14 @@
 egress proxy, against the odd provider of oddprovider.py (in this process) and a private PKI made
 with openssl at test time (tlsutil.py).
 
-Items covered: 1 (gzip), 6 (a stream cut cleanly), 7 (comments before the first event), 9
-(behind an egress proxy), 10 (CAFile=, client certificates, Proxy=, checked up front), plus
-'\\r\\n' and lone '\\r' SSE, HTTP/1.0 close-delimited and 'Connection: close' answers, and the
-provider's own x-request-id. A test that fails on today's code is marked expectedFailure with
-'# issue 10.N: why'; the assertions say what the router must do.
+Items covered: 1 (gzip), 2 (the client's headers), 3 (GET /v1/models relayed, merged, cached),
+4 (the provider's own x-request-id), 5 (the DefaultModel= rewrite), 6 (a stream cut cleanly), 7
+(comments before the first event), 9 (behind an egress proxy), 10 (CAFile=, client
+certificates, Proxy=, checked up front), 11 (POST /v1/responses and any other endpoint, GET
+/v1/models/{id}), plus '\\r\\n' and lone '\\r' SSE, HTTP/1.0 close-delimited and 'Connection:
+close' answers. Item 8 (hang-ups) is in test_streaming.py, 12 in test_failover.py. A test that
+fails on today's code is marked expectedFailure with '# issue 10.N: why'; the assertions say
+what the router must do.
 
 Compressed answers (item 1), the choice made here: the router asks libcurl to decode
 (CURLOPT_ACCEPT_ENCODING) and relays the DECODED body with no Content-Encoding (and a
