@@ -209,6 +209,7 @@ int mirror_pool_start(MirrorPool *p, const MirrorRequest *req, bool bounded, Mir
                                                        : pc->first_byte_timeout_usec,
                 .total_timeout = req->timeout > 0 ? MIN(pc->request_timeout_usec, req->timeout) : pc->request_timeout_usec,
                 .idle_timeout = req->timeout > 0 ? MIN(pc->idle_timeout_usec, req->timeout) : pc->idle_timeout_usec,
+                .provider = pc,
         };
         r = upstream_start(p->curl, p->event, &ur, &mirror_ops, m, &m->upstream);
         if (r < 0) {
