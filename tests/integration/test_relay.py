@@ -559,10 +559,17 @@ class RelayTest(OddCase):
         ]
         for stream in (False, True):
             with self.subTest(stream=stream):
+                before = len(self.odd.chats())
                 body = chat_body("headers", model="odd-model", stream=stream)
                 status, headers, payload = self.raw_chat(end_to_end + hop_or_router, body)
                 self.assertEqual(status, 200, payload[:300])
-                got = self.received(self.last())
+                self.last()
+                # X-Compare made the router ask the provider a second time, on its own behalf:
+                # the client's request is the one with its User-Agent.
+                mine = [r for r in self.odd.chats()[before:]
+                        if ("user-agent", "relay-client/1.0") in self.received(r)]
+                self.assertEqual(len(mine), 1, self.odd.chats()[before:])
+                got = self.received(mine[0])
                 names = [k for k, _ in got]
                 # Every end-to-end header as sent, in order, duplicates and empty values included.
                 self.assertEqual([kv for kv in got if kv[0] in {k.lower() for k, _ in end_to_end}],
