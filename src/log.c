@@ -320,6 +320,10 @@ size_t log_request_message(const RequestLogEntry *e, char *buf, size_t size) {
         text_escaped_str(&m, strempty(e->path), LOG_MESSAGE_PATH_MAX, true);
         text_str(&m, "' model='");
         text_escaped_str(&m, strempty(e->model), LOG_MESSAGE_MODEL_MAX, true);
+        if (e->upstream_model) {
+                text_str(&m, "' as '");
+                text_escaped_str(&m, e->upstream_model, LOG_MESSAGE_MODEL_MAX, true);
+        }
         text_str(&m, "' stream=");
         text_str(&m, yes_no(e->stream));
         text_str(&m, " route=");
@@ -367,6 +371,7 @@ size_t log_request_fields(const RequestLogEntry *e, int level, const char *messa
         field_u64(&f, "DURATION_USEC", e->duration_usec);
         field_str(&f, "REQUEST_ID", e->request_id, LOG_FIELD_SHORT_MAX);
         field_str(&f, "PROVIDER_REQUEST_ID", e->provider_request_id, LOG_FIELD_SHORT_MAX);
+        field_str(&f, "UPSTREAM_MODEL", e->upstream_model, LOG_FIELD_SHORT_MAX);
         field_u64(&f, "STREAM", e->stream);
         field_str(&f, "METHOD", e->method, LOG_FIELD_SHORT_MAX);
         field_str(&f, "PATH", e->path, LOG_FIELD_MAX);

@@ -59,6 +59,7 @@ int log_internal(int level, int error, const char *file, int line, const char *f
 typedef struct RequestLogEntry {
         const char *request_id;
         const char *provider_request_id; /* the provider's own, PROVIDER_REQUEST_ID */
+        const char *upstream_model; /* the model as the provider was asked for it, when renamed */
         const char *method;
         const char *path;
         const char *provider;

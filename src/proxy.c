@@ -497,6 +497,30 @@ static void foreach_client_header(const void *x, UpstreamHeaderFunc func, void *
         exchange_foreach_header(x, func, userdata);
 }
 
+/* The body as provider p is to get it: the client's bytes untouched, unless p knows the model by
+ * another name ([ModelAliases]) or needs one named where the client named none (DefaultModel=),
+ * which changes that member and no other byte. Returns the model p is asked for when renamed. */
+static const char *proxy_body_for(Proxy *px, Provider *p, const char **body, size_t *size, char **ret_owned,
+                                  size_t *ret_owned_size) {
+        const ProviderConfig *pc = p->config;
+        const char *name = NULL;
+        int k = -ENOENT;
+
+        if (px->info.model) {
+                name = provider_model_name(p, px->info.model);
+                if (name != px->info.model)
+                        k = inspect_replace_model(*body, *size, name, ret_owned, ret_owned_size);
+        } else if (pc->default_model && streq(px->url_suffix, "/chat/completions")) {
+                name = pc->default_model;
+                k = inspect_set_model(*body, *size, name, ret_owned, ret_owned_size);
+        }
+        if (k < 0)
+                return NULL;
+        *body = *ret_owned;
+        *size = *ret_owned_size;
+        return name;
+}
+
 static void proxy_start_attempt(Proxy *px, Provider *p) {
         Request *r = px->request;
         Worker *w = r->worker;
@@ -536,15 +560,10 @@ static void proxy_start_attempt(Proxy *px, Provider *p) {
                 return;
         }
 
-        /* Pass-through: the client's bytes go out untouched unless the provider needs a model
-         * named and the client named none. */
-        if (!px->info.model && pc->default_model && streq(px->url_suffix, "/chat/completions")) {
-                k = inspect_set_model(body, body_size, pc->default_model, &px->upstream_body, &px->upstream_body_size);
-                if (k >= 0) {
-                        body = px->upstream_body;
-                        body_size = px->upstream_body_size;
-                }
-        }
+        /* Pass-through, but for the model's name where the provider needs another. */
+        const char *renamed = proxy_body_for(px, p, &body, &body_size, &px->upstream_body, &px->upstream_body_size);
+        g_free(rec->upstream_model);
+        rec->upstream_model = g_strdup(renamed);
         rec->bytes_in = body_size;
 
         UpstreamRequest req = {
@@ -698,6 +717,9 @@ static void proxy_start_comparison(Proxy *px, Provider *p, ComparisonOrigin orig
                 compare_store_count_skipped(w->comparisons);
                 return;
         }
+        g_autofree char *owned = NULL;
+        size_t owned_size;
+        (void) proxy_body_for(px, p, &body, &body_size, &owned, &owned_size);
         job = compare_job_new(w->comparisons, r->record.request_id, px->info.model, origin);
         MirrorRequest req = {
                 .provider = p,

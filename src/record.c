@@ -17,6 +17,7 @@ void record_init(RequestRecord *r, usec_t start) {
 void record_clear(RequestRecord *r) {
         g_free(r->model);
         g_free(r->provider_request_id);
+        g_free(r->upstream_model);
         g_free(r->error_message);
         g_free(r->response_body);
         if (r->tried)
@@ -94,6 +95,7 @@ void record_emit(RequestRecord *r, usec_t now, bool log_requests) {
         RequestLogEntry e = {
                 .request_id = r->request_id,
                 .provider_request_id = r->provider_request_id,
+                .upstream_model = r->upstream_model,
                 .method = r->method,
                 .path = r->path,
                 .provider = r->provider,

@@ -15,6 +15,7 @@ typedef struct RequestRecord {
         bool api;                    /* an API request: logged even when no provider was reached */
 
         char *model;                 /* as the client named it */
+        char *upstream_model;        /* as the provider was asked for it, when renamed ([ModelAliases], DefaultModel=) */
         bool stream;
         const char *provider;        /* who serves it; borrowed from the request's provider set */
         const char *route;           /* "header", "mapping", "default" */

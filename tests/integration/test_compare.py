@@ -173,6 +173,31 @@ class CompareTest(RouterTestCase):
         self.assertEqual(counts, {"beta": 100})
         self.assert_still_serves(router)
 
+    def test_model_aliases(self):
+        """One model, a name per provider: the body's "model" is rewritten in place (nothing else
+        changes), the answer passes unchanged, and the log says both names."""
+        router = self.start(self.config("\n[Route qwen3-coder]\nProviders=alpha beta\n"
+                                        "[ModelAliases alpha]\nqwen3-coder=qwen2.5-coder-7b-instruct\n"
+                                        "[ModelAliases beta]\nqwen3-coder=qwen3-coder-plus\n"))
+        raw = b'{"model" : "qwen3-coder", "seed":18446744073709551615,"temperature":0.7,"n":1e0,' \
+              b'"messages":[{"role":"user","content":"hi"}]}'
+        want = {"alpha": "qwen2.5-coder-7b-instruct", "beta": "qwen3-coder-plus"}
+        seen = set()
+        for _ in range(40):
+            r = router.request("POST", "/v1/chat/completions", raw, headers={"Content-Type": "application/json"})
+            self.assertEqual(r.status, 200, r)
+            who = r.header("X-Provider")
+            seen.add(who)
+            mock = self.alpha if who == "alpha" else self.beta
+            got = mock.stats()["last_request"]["body"].encode()
+            self.assertEqual(got, raw.replace(b'"qwen3-coder"', b'"%s"' % want[who].encode()))
+            self.assertEqual(r.json()["model"], want[who])
+        self.assertEqual(seen, {"alpha", "beta"})
+        self.assertIn("model='qwen3-coder' as 'qwen2.5-coder-7b-instruct'", router.log())
+        # Other models are not renamed.
+        r = router.chat(chat_body("x", model="other"))
+        self.assertEqual(r.json()["model"], "other")
+
     def test_server_timing(self):
         router = self.start(self.config(""))
         for stream in (False, True):
