@@ -753,7 +753,9 @@ static void proxy_start_comparisons(Proxy *px, const Route *route, GPtrArray *x_
         if (route && route->mirrors && route->mirror_percent > 0 &&
             (route->mirror_percent >= 100 || (unsigned) g_random_int_range(0, 100) < route->mirror_percent))
                 for (Provider **m = route->mirrors; *m; m++)
-                        proxy_start_comparison(px, *m, COMPARISON_MIRROR);
+                        /* A split may route to its own mirror: nothing to compare then. */
+                        if (*m != px->routed)
+                                proxy_start_comparison(px, *m, COMPARISON_MIRROR);
         for (guint i = 0; x_compare && i < x_compare->len; i++)
                 proxy_start_comparison(px, x_compare->pdata[i], COMPARISON_X_COMPARE);
 }
