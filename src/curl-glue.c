@@ -7,6 +7,17 @@
 
 #define POOL_MAX 256
 
+/* What the epoll set knows of one of curl's sockets. curl stops watching a connection's socket
+ * when its transfer ends (CURL_POLL_REMOVE) and watches it again when the next transfer reuses
+ * the connection: taking it out of the set and putting it back costs two epoll_ctl() calls per
+ * request. So a socket curl stops watching stays in the set, parked; it is taken out only if it
+ * reports something while parked (the provider closed an idle connection), and is back without
+ * a syscall when curl wants it again for the same events. */
+typedef struct CurlSocket {
+        uint32_t events;          /* registered in the epoll set; 0 if not in it */
+        bool watched;             /* curl wants to hear about it */
+} CurlSocket;
+
 struct CurlGlue {
         sd_event *event;
         CURLM *multi;
@@ -19,9 +30,27 @@ struct CurlGlue {
         sd_event_source *defer;   /* curl asked to be called again at once */
         usec_t deadline;          /* of the armed timer, USEC_INFINITY if none */
         GPtrArray *pool;          /* idle easy handles */
+        CurlSocket *sockets;      /* by fd */
+        size_t n_sockets;
 };
 
 #define CURL_TIMER_ACCURACY USEC_PER_MSEC
+
+static CurlSocket *curl_glue_socket(CurlGlue *g, int fd, bool grow) {
+        if (fd < 0)
+                return NULL;
+        if ((size_t) fd >= g->n_sockets) {
+                size_t n;
+
+                if (!grow)
+                        return NULL;
+                n = MAX((size_t) fd + 1, MAX(g->n_sockets * 2, (size_t) 64));
+                g->sockets = g_renew(CurlSocket, g->sockets, n);
+                memset(g->sockets + g->n_sockets, 0, (n - g->n_sockets) * sizeof(CurlSocket));
+                g->n_sockets = n;
+        }
+        return &g->sockets[fd];
+}
 
 static void curl_glue_check_finished(CurlGlue *g) {
         CURLMsg *msg;
@@ -60,16 +89,26 @@ static int curl_glue_on_epoll(sd_event_source *s, int fd, uint32_t revents, void
                 }
                 for (int i = 0; i < n; i++) {
                         uint32_t ev = events[i].events;
-                        int action = 0;
+                        int action = 0, sfd = events[i].data.fd;
+                        CurlSocket *cs = curl_glue_socket(g, sfd, false);
 
+                        if (cs && !cs->watched) {
+                                /* A parked idle connection spoke (most likely the provider closed
+                                 * it): out of the set, or it would be reported again and again.
+                                 * curl finds out for itself before it reuses the connection. */
+                                if (cs->events != 0)
+                                        (void) epoll_ctl(g->epoll_fd, EPOLL_CTL_DEL, sfd, NULL);
+                                cs->events = 0;
+                                continue;
+                        }
                         if (ev & (EPOLLIN | EPOLLHUP))
                                 action |= CURL_CSELECT_IN;
                         if (ev & EPOLLOUT)
                                 action |= CURL_CSELECT_OUT;
                         if (ev & EPOLLERR)
                                 action |= CURL_CSELECT_ERR;
-                        if (curl_multi_socket_action(g->multi, events[i].data.fd, action, &running) != CURLM_OK)
-                                log_debug("curl_multi_socket_action() failed for fd %i, ignoring", events[i].data.fd);
+                        if (curl_multi_socket_action(g->multi, sfd, action, &running) != CURLM_OK)
+                                log_debug("curl_multi_socket_action() failed for fd %i, ignoring", sfd);
                 }
                 curl_glue_check_finished(g);
                 if (n < (int) ELEMENTSOF(events))
@@ -81,32 +120,32 @@ static int curl_glue_on_epoll(sd_event_source *s, int fd, uint32_t revents, void
 static int curl_glue_socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp) {
         CurlGlue *g = userp;
         struct epoll_event ev = { .data.fd = s };
+        CurlSocket *cs;
 
         if (what == CURL_POLL_REMOVE) {
-                if (socketp) {
-                        /* The socket may already be closed; then it left the set by itself. */
-                        (void) epoll_ctl(g->epoll_fd, EPOLL_CTL_DEL, s, NULL);
-                        (void) curl_multi_assign(g->multi, s, NULL);
-                }
+                /* Parked, see CurlSocket; the socket may be closed already, which took it out of
+                 * the set (curl_glue_close_socket() forgets it). */
+                cs = curl_glue_socket(g, s, false);
+                if (cs)
+                        cs->watched = false;
                 return 0;
         }
 
+        cs = curl_glue_socket(g, s, true);
         if (what == CURL_POLL_IN || what == CURL_POLL_INOUT)
                 ev.events |= EPOLLIN;
         if (what == CURL_POLL_OUT || what == CURL_POLL_INOUT)
                 ev.events |= EPOLLOUT;
 
-        if (socketp) {
-                if (epoll_ctl(g->epoll_fd, EPOLL_CTL_MOD, s, &ev) < 0)
-                        return -1;
+        cs->watched = true;
+        if (cs->events == ev.events)
                 return 0;
-        }
-        if (epoll_ctl(g->epoll_fd, EPOLL_CTL_ADD, s, &ev) < 0) {
+        if (epoll_ctl(g->epoll_fd, cs->events != 0 ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, s, &ev) < 0) {
                 log_debug_errno(errno, "Failed to watch curl socket %i: %m", s);
+                cs->watched = false;
                 return -1;
         }
-        /* Any non-NULL pointer marks the socket as being in the set. */
-        (void) curl_multi_assign(g->multi, s, g);
+        cs->events = ev.events;
         return 0;
 }
 
@@ -158,8 +197,15 @@ static int curl_glue_timer_cb(CURLM *multi, long timeout_ms, void *userp) {
 static int curl_glue_close_socket(void *clientp, curl_socket_t s) {
         CurlGlue *g = clientp;
 
-        /* curl may close a socket it never told us to stop watching. */
-        (void) epoll_ctl(g->epoll_fd, EPOLL_CTL_DEL, s, NULL);
+        CurlSocket *cs = curl_glue_socket(g, s, false);
+
+        /* Parked or watched: out of the set before the number can be reused. (close() would
+         * take it out too, unless another process holds a copy of the socket.) */
+        if (cs) {
+                if (cs->events != 0)
+                        (void) epoll_ctl(g->epoll_fd, EPOLL_CTL_DEL, s, NULL);
+                *cs = (CurlSocket) {};
+        }
         return close(s);
 }
 
@@ -219,7 +265,8 @@ CurlGlue *curl_glue_free(CurlGlue *g) {
                 curl_easy_cleanup(g->pool->pdata[i]);
         g_ptr_array_unref(g->pool);
         if (g->multi)
-                curl_multi_cleanup(g->multi);
+                curl_multi_cleanup(g->multi); /* closes its connections through curl_glue_close_socket() */
+        g_free(g->sockets);
         sd_event_source_disable_unref(g->epoll_source);
         sd_event_source_disable_unref(g->timer);
         sd_event_source_disable_unref(g->defer);
