@@ -508,8 +508,37 @@ static size_t upstream_write_cb(char *ptr, size_t size, size_t nmemb, void *user
         return r;
 }
 
+/* Does the environment name a proxy for libcurl (or hosts to reach without one)? These are the
+ * variables libcurl reads for http:// and https:// URLs. Read once: the environment of a running
+ * daemon does not change, and libcurl would otherwise look them up for every transfer. The same
+ * answer in any thread. */
+static bool environment_names_proxy(void) {
+        static int cached = -1;
+
+        if (cached < 0) {
+                static const char *const names[] = {
+                        "http_proxy", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY",
+                };
+                bool found = false;
+
+                for (size_t i = 0; i < ELEMENTSOF(names); i++)
+                        if (getenv(names[i]))
+                                found = true;
+                cached = found;
+        }
+        return cached;
+}
+
 /* How this provider is reached: whom to trust, what certificate to show, through which proxy. */
 static void upstream_apply_provider(CURL *e, const ProviderConfig *pc) {
+        if (!pc || !pc->proxy_set) {
+                /* Proxy= unset means libcurl's environment; when that names none, saying so spares
+                 * libcurl five getenv() calls per transfer. */
+                if (!environment_names_proxy()) {
+                        curl_easy_setopt(e, CURLOPT_PROXY, "");
+                        curl_easy_setopt(e, CURLOPT_NOPROXY, "");
+                }
+        }
         if (!pc)
                 return;
         if (pc->ca_file) {
