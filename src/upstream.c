@@ -43,42 +43,57 @@ bool upstream_error_is_timeout(UpstreamError e) {
                e == UPSTREAM_ERROR_TIMEOUT || e == UPSTREAM_ERROR_IDLE_TIMEOUT;
 }
 
-/* Hop-by-hop headers and those the router sets itself are not passed on. */
-static bool header_is_passed(const char *name, size_t n) {
-        static const char *const skip[] = {
-                "connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer",
-                "upgrade", "proxy-authenticate", "proxy-connection", "date", "server", "x-provider",
-                "x-request-id", "content-encoding", "access-control-allow-origin",
-                "access-control-expose-headers", "access-control-allow-credentials", "alt-svc",
-        };
-        for (size_t i = 0; i < ELEMENTSOF(skip); i++)
-                if (strlen(skip[i]) == n && g_ascii_strncasecmp(name, skip[i], n) == 0)
-                        return false;
-        return true;
+/* A header name and its length, for lists that are searched for every header of every request. */
+typedef struct HeaderName {
+        const char *name;
+        size_t len;
+} HeaderName;
+
+#define HEADER_NAME(s) { s, STRLEN(s) }
+
+static bool name_in(const char *name, size_t n, const HeaderName *list, size_t n_list) {
+        for (size_t i = 0; i < n_list; i++)
+                if (list[i].len == n && g_ascii_strncasecmp(name, list[i].name, n) == 0)
+                        return true;
+        return false;
 }
 
 static bool name_is(const char *name, size_t n, const char *lower) {
         return strlen(lower) == n && g_ascii_strncasecmp(name, lower, n) == 0;
 }
 
+/* Hop-by-hop headers and those the router sets itself are not passed on. */
+static bool header_is_passed(const char *name, size_t n) {
+        static const HeaderName skip[] = {
+                HEADER_NAME("connection"), HEADER_NAME("keep-alive"), HEADER_NAME("transfer-encoding"),
+                HEADER_NAME("content-length"), HEADER_NAME("te"), HEADER_NAME("trailer"), HEADER_NAME("upgrade"),
+                HEADER_NAME("proxy-authenticate"), HEADER_NAME("proxy-connection"), HEADER_NAME("date"),
+                HEADER_NAME("server"), HEADER_NAME("x-provider"), HEADER_NAME("x-request-id"),
+                HEADER_NAME("content-encoding"), HEADER_NAME("access-control-allow-origin"),
+                HEADER_NAME("access-control-expose-headers"), HEADER_NAME("access-control-allow-credentials"),
+                HEADER_NAME("alt-svc"),
+        };
+        return !name_in(name, n, skip, ELEMENTSOF(skip));
+}
+
 bool upstream_header_is_forwarded(const char *name, size_t n) {
-        static const char *const skip[] = {
+        static const HeaderName skip[] = {
                 /* hop-by-hop */
-                "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-                "upgrade", "proxy-authorization", "proxy-authenticate",
+                HEADER_NAME("connection"), HEADER_NAME("keep-alive"), HEADER_NAME("proxy-connection"),
+                HEADER_NAME("te"), HEADER_NAME("trailer"), HEADER_NAME("transfer-encoding"), HEADER_NAME("upgrade"),
+                HEADER_NAME("proxy-authorization"), HEADER_NAME("proxy-authenticate"),
                 /* libcurl's: the target, the body's framing, the encodings it decodes */
-                "host", "content-length", "expect", "accept-encoding",
+                HEADER_NAME("host"), HEADER_NAME("content-length"), HEADER_NAME("expect"),
+                HEADER_NAME("accept-encoding"),
                 /* the router's own */
-                "x-provider", "x-compare", "x-request-id", "authorization",
+                HEADER_NAME("x-provider"), HEADER_NAME("x-compare"), HEADER_NAME("x-request-id"),
+                HEADER_NAME("authorization"),
         };
 
         /* Most headers are none of these: their lengths rule them out at once. */
         if (n < 2 || n > STRLEN("proxy-authorization"))
                 return true;
-        for (size_t i = 0; i < ELEMENTSOF(skip); i++)
-                if (name_is(name, n, skip[i]))
-                        return false;
-        return true;
+        return !name_in(name, n, skip, ELEMENTSOF(skip));
 }
 
 /* Is name one of the comma-separated tokens of a Connection: value? */
