@@ -173,7 +173,20 @@ static void text_escaped(Text *t, const char *s, size_t n, size_t max, bool quot
                 size_t e_len = 0, in_len = 1;
 
                 if (c >= 0x20 && c < 0x7f && c != '\\' && !(quote && c == '\'')) {
-                        e[e_len++] = (char) c;
+                        /* Most values are plain ASCII throughout: the whole run at once. */
+                        size_t j = i + 1, room = max - (t->len - start);
+
+                        while (j < n && (unsigned char) s[j] >= 0x20 && (unsigned char) s[j] < 0x7f && s[j] != '\\' &&
+                               !(quote && s[j] == '\''))
+                                j++;
+                        if (j - i > room) {
+                                text_mem(t, s + i, room);
+                                i += room;
+                                break;
+                        }
+                        text_mem(t, s + i, j - i);
+                        i = j;
+                        continue;
                 } else if (c == '\\' || c == '\'') {
                         e[e_len++] = '\\';
                         e[e_len++] = (char) c;
