@@ -29,12 +29,14 @@ struct CurlGlue {
         sd_event_source *timer;
         sd_event_source *defer;   /* curl asked to be called again at once */
         usec_t deadline;          /* of the armed timer, USEC_INFINITY if none */
-        GPtrArray *pool;          /* idle easy handles */
+        GPtrArray *pool;          /* idle CurlHandle*, least recently used first */
         CurlSocket *sockets;      /* by fd */
         size_t n_sockets;
 };
 
 #define CURL_TIMER_ACCURACY USEC_PER_MSEC
+
+static void curl_handle_free(CurlHandle *h);
 
 static CurlSocket *curl_glue_socket(CurlGlue *g, int fd, bool grow) {
         if (fd < 0)
@@ -262,7 +264,7 @@ CurlGlue *curl_glue_free(CurlGlue *g) {
         if (!g)
                 return NULL;
         for (guint i = 0; i < g->pool->len; i++)
-                curl_easy_cleanup(g->pool->pdata[i]);
+                curl_handle_free(g->pool->pdata[i]);
         g_ptr_array_unref(g->pool);
         if (g->multi)
                 curl_multi_cleanup(g->multi); /* closes its connections through curl_glue_close_socket() */
@@ -277,26 +279,79 @@ CurlGlue *curl_glue_free(CurlGlue *g) {
         return NULL;
 }
 
-CURL *curl_glue_acquire(CurlGlue *g) {
-        CURL *e;
-
-        e = g->pool->len > 0 ? g_ptr_array_steal_index_fast(g->pool, g->pool->len - 1) : curl_easy_init();
-        if (e) {
-                curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, curl_glue_close_socket);
-                curl_easy_setopt(e, CURLOPT_CLOSESOCKETDATA, g);
-        }
-        return e;
+static void curl_handle_forget_key(CurlHandle *h) {
+        if (h->key && h->key_unref)
+                h->key_unref(h->key);
+        h->key = NULL;
+        h->key_unref = NULL;
 }
 
-void curl_glue_release(CurlGlue *g, CURL *easy) {
-        if (!easy)
+static void curl_handle_free(CurlHandle *h) {
+        if (!h)
+                return;
+        curl_easy_cleanup(h->easy);
+        curl_handle_forget_key(h);
+        g_free(h);
+}
+
+/* Back to the state of a new handle, but for our close callback. */
+static void curl_handle_reset(CurlGlue *g, CurlHandle *h) {
+        curl_easy_reset(h->easy);
+        curl_easy_setopt(h->easy, CURLOPT_CLOSESOCKETFUNCTION, curl_glue_close_socket);
+        curl_easy_setopt(h->easy, CURLOPT_CLOSESOCKETDATA, g);
+        curl_handle_forget_key(h);
+}
+
+CurlHandle *curl_glue_acquire(CurlGlue *g, const void *key) {
+        CurlHandle *h;
+
+        /* The most recently released first: with a few providers, a match is near the end. */
+        for (guint i = g->pool->len; i > 0; i--) {
+                h = g->pool->pdata[i - 1];
+                if (h->key == key && key)
+                        return g_ptr_array_steal_index(g->pool, i - 1);
+        }
+        /* None set up for key: a fresh one, or the least recently used, reset. */
+        if (g->pool->len > 0 && (g->pool->len >= POOL_MAX / 2 || !((CurlHandle *) g->pool->pdata[0])->key)) {
+                h = g_ptr_array_steal_index(g->pool, 0);
+                if (h->key)
+                        curl_handle_reset(g, h);
+                return h;
+        }
+        h = g_new0(CurlHandle, 1);
+        h->easy = curl_easy_init();
+        if (!h->easy) {
+                g_free(h);
+                return NULL;
+        }
+        curl_easy_setopt(h->easy, CURLOPT_CLOSESOCKETFUNCTION, curl_glue_close_socket);
+        curl_easy_setopt(h->easy, CURLOPT_CLOSESOCKETDATA, g);
+        return h;
+}
+
+void curl_glue_release(CurlGlue *g, CurlHandle *h, bool clean) {
+        if (!h)
                 return;
         if (g->pool->len >= POOL_MAX) {
-                curl_easy_cleanup(easy);
-                return;
+                /* Full: the least recently used goes. */
+                curl_handle_free(g_ptr_array_steal_index(g->pool, 0));
         }
-        curl_easy_reset(easy);
-        g_ptr_array_add(g->pool, easy);
+        if (clean && h->key) {
+                /* What pointed into the transfer's owner, which is going away. */
+                curl_easy_setopt(h->easy, CURLOPT_HTTPHEADER, NULL);
+                curl_easy_setopt(h->easy, CURLOPT_ERRORBUFFER, NULL);
+                curl_easy_setopt(h->easy, CURLOPT_PRIVATE, NULL);
+                curl_easy_setopt(h->easy, CURLOPT_HEADERDATA, NULL);
+                curl_easy_setopt(h->easy, CURLOPT_WRITEDATA, NULL);
+                curl_easy_setopt(h->easy, CURLOPT_POSTFIELDS, NULL);
+        } else
+                /* An aborted or failed transfer may leave state behind (a pause, held data). */
+                curl_handle_reset(g, h);
+        g_ptr_array_add(g->pool, h);
+}
+
+int curl_glue_set_url(CurlHandle *h, const char *url) {
+        return curl_easy_setopt(h->easy, CURLOPT_URL, url) == CURLE_OK ? 0 : -EIO;
 }
 
 int curl_glue_add(CurlGlue *g, CURL *easy, CurlSlot *slot) {
@@ -310,4 +365,3 @@ int curl_glue_add(CurlGlue *g, CURL *easy, CurlSlot *slot) {
 void curl_glue_remove(CurlGlue *g, CURL *easy) {
         (void) curl_multi_remove_handle(g->multi, easy);
 }
-

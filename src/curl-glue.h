@@ -20,9 +20,25 @@ int curl_glue_new(sd_event *event, CurlGlue **ret);
 CurlGlue *curl_glue_free(CurlGlue *g);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(CurlGlue, curl_glue_free)
 
-/* A reset easy handle, from a small pool so that per-request setup stays cheap. */
-CURL *curl_glue_acquire(CurlGlue *g);
-void curl_glue_release(CurlGlue *g, CURL *easy);
+/* An easy handle, kept between transfers with the options that stay the same for every transfer
+ * made for one key (a provider's configuration): the next transfer for the same key sets only
+ * what changes, rather than curl_easy_reset() and some twenty options per request. */
+typedef struct CurlHandle {
+        CURL *easy;
+        /* What it is set up for; NULL for a handle fresh or reset: the caller sets it up and then
+         * sets key to a reference of its own, which the pool drops with key_unref. A pooled
+         * handle keeps its key alive, so that no other key can take its address. */
+        void *key;
+        GDestroyNotify key_unref;
+} CurlHandle;
+
+/* A handle set up for key (from the most recently used of the pool), or a fresh one (key NULL). */
+CurlHandle *curl_glue_acquire(CurlGlue *g, const void *key);
+/* Back to the pool. Only a handle whose transfer ended cleanly (complete, CURLE_OK) keeps its set-up:
+ * any other is reset first. */
+void curl_glue_release(CurlGlue *g, CurlHandle *h, bool clean);
+/* The transfer's URL. */
+int curl_glue_set_url(CurlHandle *h, const char *url);
 
 int curl_glue_add(CurlGlue *g, CURL *easy, CurlSlot *slot);
 /* Not from inside a curl callback. */

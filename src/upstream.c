@@ -8,7 +8,9 @@
 struct Upstream {
         CurlSlot slot;
         CurlGlue *glue;
-        CURL *easy;
+        CurlHandle *handle;
+        CURL *easy;                   /* handle->easy */
+        bool clean;                   /* ended complete with CURLE_OK: the handle may keep its set-up */
         struct curl_slist *headers;   /* one block, see upstream_headers_new() */
         size_t headers_size;
         const UpstreamOps *ops;
@@ -370,6 +372,7 @@ static void upstream_done(CURL *easy, CURLcode code, void *userdata) {
         if (code == CURLE_OK && u->resume_error != CURLE_OK)
                 code = u->resume_error;
         message = u->error_buf[0] ? u->error_buf : curl_easy_strerror(code);
+        u->clean = code == CURLE_OK;
 
         switch (code) {
         case CURLE_OK:
@@ -576,6 +579,29 @@ static void upstream_apply_provider(CURL *e, const ProviderConfig *pc) {
                 curl_easy_setopt(e, CURLOPT_PROXY, pc->proxy ?: "");
 }
 
+/* The options that are the same for every transfer to this provider. */
+static void upstream_setup_handle(CURL *e, const ProviderConfig *pc) {
+        curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+        curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+        curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
+        /* Through an egress proxy's tunnel, its "200 Connection established" and headers are not
+         * the provider's answer: without this they would reach the header callback first. */
+        curl_easy_setopt(e, CURLOPT_SUPPRESS_CONNECT_HEADERS, 1L);
+        curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, upstream_header_cb);
+        curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, upstream_write_cb);
+        curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
+        /* Answers are a few kilobytes and streams' events far smaller: an 8K receive buffer per
+         * transfer (curl's default is 16K) keeps thousands of them cheap; a large answer just
+         * takes more reads. */
+        curl_easy_setopt(e, CURLOPT_BUFFERSIZE, 8192L);
+        curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
+        /* libcurl offers every encoding it can decode and decodes: the router reads usage, SSE
+         * boundaries and sizes from the plain bytes, and relays them plain (never the
+         * provider's Content-Encoding or Content-Length, see header_is_passed()). */
+        curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "");
+        upstream_apply_provider(e, pc);
+}
+
 int upstream_start(CurlGlue *glue, sd_event *event, const UpstreamRequest *req, const UpstreamOps *ops,
                    void *userdata, Upstream **ret) {
         Upstream *u;
@@ -597,42 +623,40 @@ int upstream_start(CurlGlue *glue, sd_event *event, const UpstreamRequest *req, 
         u->response_headers = g_ptr_array_new_with_free_func(g_free);
         u->slot = (CurlSlot) { .done = upstream_done, .userdata = u };
 
-        e = u->easy = curl_glue_acquire(glue);
-        if (!e) {
+        /* A handle this provider's transfers used before keeps the options that never change
+         * for it; a fresh one gets them here. */
+        u->handle = curl_glue_acquire(glue, req->provider);
+        if (!u->handle) {
                 upstream_free(u);
                 return -ENOMEM;
         }
+        e = u->easy = u->handle->easy;
+        if (!u->handle->key) {
+                upstream_setup_handle(e, req->provider);
+                if (req->provider) {
+                        u->handle->key = provider_config_ref((ProviderConfig *) req->provider);
+                        u->handle->key_unref = provider_config_destroy;
+                }
+        }
 
-        curl_easy_setopt(e, CURLOPT_URL, req->url);
-        curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-        curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
-        curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
+        /* And what is this transfer's own. */
+        r = curl_glue_set_url(u->handle, req->url);
+        if (r < 0) {
+                upstream_free(u);
+                return r;
+        }
         curl_easy_setopt(e, CURLOPT_ERRORBUFFER, u->error_buf);
-        /* Through an egress proxy's tunnel, its "200 Connection established" and headers are not
-         * the provider's answer: without this they would reach the header callback first. */
-        curl_easy_setopt(e, CURLOPT_SUPPRESS_CONNECT_HEADERS, 1L);
-        curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, upstream_header_cb);
         curl_easy_setopt(e, CURLOPT_HEADERDATA, u);
-        curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, upstream_write_cb);
         curl_easy_setopt(e, CURLOPT_WRITEDATA, u);
         curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long) (req->connect_timeout / USEC_PER_MSEC));
-        curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
-        /* Answers are a few kilobytes and streams' events far smaller: an 8K receive buffer per
-         * transfer (curl's default is 16K) keeps thousands of them cheap; a large answer just
-         * takes more reads. */
-        curl_easy_setopt(e, CURLOPT_BUFFERSIZE, 8192L);
-        curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
-        /* libcurl offers every encoding it can decode and decodes: the router reads usage, SSE
-         * boundaries and sizes from the plain bytes, and relays them plain (never the
-         * provider's Content-Encoding or Content-Length, see header_is_passed()). */
-        curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "");
-        upstream_apply_provider(e, req->provider);
-        if (req->head)
-                curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
         if (req->post) {
                 curl_easy_setopt(e, CURLOPT_POST, 1L);
                 curl_easy_setopt(e, CURLOPT_POSTFIELDS, req->body);
                 curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) req->body_size);
+        } else {
+                curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
+                if (req->head)
+                        curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
         }
         u->headers = upstream_headers_new(req, &u->headers_size);
         curl_easy_setopt(e, CURLOPT_HTTPHEADER, u->headers);
@@ -660,10 +684,8 @@ Upstream *upstream_free(Upstream *u) {
                 return NULL;
         if (u->running)
                 curl_glue_remove(u->glue, u->easy);
-        if (u->easy) {
-                /* The header list may still be referenced by the handle until it is reset. */
-                curl_glue_release(u->glue, u->easy);
-        }
+        /* Before the header list goes: the handle forgets it on release. */
+        curl_glue_release(u->glue, u->handle, u->clean);
         upstream_headers_free(u->headers, u->headers_size);
         sd_event_source_disable_unref(u->timer);
         g_ptr_array_unref(u->response_headers);
