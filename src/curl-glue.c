@@ -291,6 +291,9 @@ static void curl_handle_free(CurlHandle *h) {
                 return;
         curl_easy_cleanup(h->easy);
         curl_handle_forget_key(h);
+        if (h->url)
+                curl_url_cleanup(h->url);
+        g_free(h->url_string);
         g_free(h);
 }
 
@@ -300,6 +303,8 @@ static void curl_handle_reset(CurlGlue *g, CurlHandle *h) {
         curl_easy_setopt(h->easy, CURLOPT_CLOSESOCKETFUNCTION, curl_glue_close_socket);
         curl_easy_setopt(h->easy, CURLOPT_CLOSESOCKETDATA, g);
         curl_handle_forget_key(h);
+        /* The CURLU stays ours, to be set again if the next URL is the same. */
+        h->url_set = false;
 }
 
 CurlHandle *curl_glue_acquire(CurlGlue *g, const void *key) {
@@ -351,7 +356,38 @@ void curl_glue_release(CurlGlue *g, CurlHandle *h, bool clean) {
 }
 
 int curl_glue_set_url(CurlHandle *h, const char *url) {
-        return curl_easy_setopt(h->easy, CURLOPT_URL, url) == CURLE_OK ? 0 : -EIO;
+        if (!h->url || !streq(h->url_string, url)) {
+                CURLU *u = curl_url();
+
+                if (!u)
+                        return -ENOMEM;
+                /* Parsed as libcurl parses CURLOPT_URL. One it cannot parse is left to libcurl,
+                 * which then fails the transfer as it always did. */
+                if (curl_url_set(u, CURLUPART_URL, url, CURLU_GUESS_SCHEME | CURLU_NON_SUPPORT_SCHEME) != CURLUE_OK) {
+                        curl_url_cleanup(u);
+                        if (h->url)
+                                (void) curl_easy_setopt(h->easy, CURLOPT_CURLU, NULL);
+                        g_clear_pointer(&h->url, curl_url_cleanup);
+                        g_clear_pointer(&h->url_string, g_free);
+                        h->url_set = false;
+                        return curl_easy_setopt(h->easy, CURLOPT_URL, url) == CURLE_OK ? 0 : -EIO;
+                }
+                if (h->url)
+                        curl_url_cleanup(h->url);
+                h->url = u;
+                g_free(h->url_string);
+                h->url_string = g_strdup(url);
+                h->url_set = false;
+        }
+        if (h->url_set)
+                return 0;
+        /* Both: libcurl takes the parsed form for the transfer (a copy of it, without parsing the
+         * string again) and the string for what it reports. */
+        if (curl_easy_setopt(h->easy, CURLOPT_URL, url) != CURLE_OK ||
+            curl_easy_setopt(h->easy, CURLOPT_CURLU, h->url) != CURLE_OK)
+                return -EIO;
+        h->url_set = true;
+        return 0;
 }
 
 int curl_glue_add(CurlGlue *g, CURL *easy, CurlSlot *slot) {

@@ -22,7 +22,8 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(CurlGlue, curl_glue_free)
 
 /* An easy handle, kept between transfers with the options that stay the same for every transfer
  * made for one key (a provider's configuration): the next transfer for the same key sets only
- * what changes, rather than curl_easy_reset() and some twenty options per request. */
+ * what changes. Setting up a handle from scratch (curl_easy_reset() and some twenty options) and
+ * having libcurl parse the same URL again cost more per request than the rest of the set-up. */
 typedef struct CurlHandle {
         CURL *easy;
         /* What it is set up for; NULL for a handle fresh or reset: the caller sets it up and then
@@ -30,6 +31,9 @@ typedef struct CurlHandle {
          * handle keeps its key alive, so that no other key can take its address. */
         void *key;
         GDestroyNotify key_unref;
+        CURLU *url;               /* CURLOPT_CURLU: the URL it fetched last, parsed once */
+        char *url_string;
+        bool url_set;             /* the handle's options name url */
 } CurlHandle;
 
 /* A handle set up for key (from the most recently used of the pool), or a fresh one (key NULL). */
@@ -37,7 +41,7 @@ CurlHandle *curl_glue_acquire(CurlGlue *g, const void *key);
 /* Back to the pool. Only a handle whose transfer ended cleanly (complete, CURLE_OK) keeps its set-up:
  * any other is reset first. */
 void curl_glue_release(CurlGlue *g, CurlHandle *h, bool clean);
-/* The transfer's URL. */
+/* CURLOPT_CURLU for url, parsed only when it differs from the handle's last one. */
 int curl_glue_set_url(CurlHandle *h, const char *url);
 
 int curl_glue_add(CurlGlue *g, CURL *easy, CurlSlot *slot);
