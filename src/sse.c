@@ -91,13 +91,19 @@ void sse_scanner_consumed(SseScanner *s, size_t n) {
         s->boundary -= n;
 }
 
+/* The end of the line at p: its CR or LF, or end. */
+static const char *line_end(const char *p, const char *end) {
+        const char *nl = memchr(p, '\n', (size_t) (end - p));
+        const char *cr = memchr(p, '\r', (size_t) ((nl ?: end) - p));
+
+        return cr ?: nl ?: end;
+}
+
 const char *sse_event_data(const char *event, size_t size, size_t *ret_size) {
         const char *p = event, *end = event + size;
 
         while (p < end) {
-                const char *eol = p;
-                while (eol < end && *eol != '\n' && *eol != '\r')
-                        eol++;
+                const char *eol = line_end(p, end);
                 if ((size_t) (eol - p) >= 5 && memcmp(p, "data:", 5) == 0) {
                         const char *d = p + 5;
                         if (d < eol && *d == ' ')
@@ -117,9 +123,7 @@ GString *sse_event_data_joined(const char *event, size_t size) {
         GString *s = NULL;
 
         while (p < end) {
-                const char *eol = p;
-                while (eol < end && *eol != '\n' && *eol != '\r')
-                        eol++;
+                const char *eol = line_end(p, end);
                 if ((size_t) (eol - p) >= 5 && memcmp(p, "data:", 5) == 0) {
                         const char *d = p + 5;
                         if (d < eol && *d == ' ')
