@@ -114,10 +114,18 @@ static bool event_completes(const char *event, size_t size) {
                         return true;
         }
 
-        if (memmem(event, size, "response.completed", STRLEN("response.completed")) ||
-            memmem(event, size, "response.incomplete", STRLEN("response.incomplete")) ||
-            memmem(event, size, "response.failed", STRLEN("response.failed")))
-                return true;
+        /* "response.completed", "response.incomplete" or "response.failed": one search for what
+         * they have in common (every event of a stream goes through here). */
+        for (const char *r = event, *end = event + size;
+             (r = memmem(r, (size_t) (end - r), "response.", STRLEN("response."))); r += STRLEN("response.")) {
+                const char *t = r + STRLEN("response.");
+                size_t left = (size_t) (end - t);
+
+                if ((left >= STRLEN("completed") && memcmp(t, "completed", STRLEN("completed")) == 0) ||
+                    (left >= STRLEN("incomplete") && memcmp(t, "incomplete", STRLEN("incomplete")) == 0) ||
+                    (left >= STRLEN("failed") && memcmp(t, "failed", STRLEN("failed")) == 0))
+                        return true;
+        }
         f = memmem(event, size, "\"finish_reason\"", STRLEN("\"finish_reason\""));
         if (!f)
                 return false;
