@@ -90,6 +90,7 @@ Config *config_free(Config *c) {
         g_free(c->host);
         g_free(c->default_provider);
         g_free(c->cors_allow_origin);
+        g_strfreev(c->allowed_hosts);
         g_free(c->client_tokens_credential);
         g_free(c->client_tokens_file);
         if (c->client_token_digests)
@@ -137,7 +138,7 @@ static Config *config_new_empty(void) {
         c->max_header_size = 32 * 1024;
         c->stream_buffer_size = 16 * 1024;
         c->max_connections = 4096;
-        c->cors_allow_origin = g_strdup("*");
+        c->cors_allow_origin = NULL; /* a web page may use the router only when told so */
         c->failure_threshold = 3;
         c->cooldown_usec = 30 * USEC_PER_SEC;
         c->max_cooldown_usec = 300 * USEC_PER_SEC;
@@ -428,6 +429,56 @@ static void mapping_remove(Config *c, const char *model) {
                 }
 }
 
+/* A name or address as a client writes it in Host: (no port); IPv6 with or without brackets. */
+static bool allowed_host_is_valid(const char *h) {
+        size_t n = strlen(h);
+
+        if (n == 0 || n > 253)
+                return false;
+        for (size_t i = 0; i < n; i++)
+                if (!g_ascii_isalnum(h[i]) && !strchr("-._:[]", h[i]))
+                        return false;
+        return true;
+}
+
+/* AllowedHosts=: space-separated; kept lower-case, without brackets or a trailing dot, as the
+ * front door compares them. An empty value resets the list. */
+static void set_allowed_hosts(Parser *p, char ***field, const char *value) {
+        g_auto(GStrv) words = g_strsplit_set(value, " \t", -1);
+        g_autoptr(GPtrArray) hosts = g_ptr_array_new_with_free_func(g_free);
+
+        for (char **w = words; *w; w++) {
+                size_t n;
+                char *h;
+
+                if (isempty(*w))
+                        continue;
+                if (streq(*w, "*")) {
+                        g_ptr_array_add(hosts, g_strdup("*"));
+                        continue;
+                }
+                if (!allowed_host_is_valid(*w)) {
+                        parser_error(p, "%s: [Router] AllowedHosts= contains '%s', which is not a host name or address",
+                                     p->source, *w);
+                        continue;
+                }
+                h = g_ascii_strdown(*w, -1);
+                n = strlen(h);
+                if (h[0] == '[' && n > 2 && h[n - 1] == ']') {
+                        memmove(h, h + 1, n - 2);
+                        h[n - 2] = 0;
+                } else if (n > 1 && h[n - 1] == '.')
+                        h[n - 1] = 0;
+                g_ptr_array_add(hosts, h);
+        }
+        g_strfreev(*field);
+        *field = NULL;
+        if (hosts->len > 0) {
+                g_ptr_array_add(hosts, NULL);
+                *field = (char **) g_ptr_array_free(g_steal_pointer(&hosts), FALSE);
+        }
+}
+
 static void parse_router_group(Parser *p, GKeyFile *kf) {
         const char *group = "Router";
         g_auto(GStrv) keys = g_key_file_get_keys(kf, group, NULL, NULL);
@@ -484,6 +535,8 @@ static void parse_router_group(Parser *p, GKeyFile *kf) {
                                              p->source, v);
                 } else if (streq(key, "CORSAllowOrigin"))
                         set_string(&c->cors_allow_origin, v);
+                else if (streq(key, "AllowedHosts"))
+                        set_allowed_hosts(p, &c->allowed_hosts, v);
                 else if (streq(key, "FailureThreshold")) {
                         if (parse_unsigned(v, 0, 1000, &c->failure_threshold) < 0)
                                 parser_error(p, "%s: [Router] FailureThreshold='%s' must be between 0 (never) and 1000",

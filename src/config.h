@@ -68,7 +68,8 @@ typedef struct Config {
         uint64_t max_header_size;
         uint64_t stream_buffer_size;
         unsigned max_connections;
-        char *cors_allow_origin;   /* NULL disables CORS headers */
+        char *cors_allow_origin;   /* "*" or origins separated by spaces; NULL: no CORS headers */
+        char **allowed_hosts;      /* Host: names accepted besides loopback ones; "*" = any; NULL = none */
 
         /* failover and health */
         unsigned failure_threshold; /* failures in a row that mark a provider down; 0 = never */

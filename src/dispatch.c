@@ -1,4 +1,5 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include <arpa/inet.h>
 #include <inttypes.h>
 
 #include "dispatch.h"
@@ -100,10 +101,11 @@ static void respond_unauthorized(Request *r) {
 }
 
 static void respond_preflight(Request *r) {
-        const char *origin = r->worker->config->cors_allow_origin;
         const char *want = request_header(r, "Access-Control-Request-Headers");
+        bool vary;
 
-        if (origin) {
+        /* The origin itself is added with the common headers. */
+        if (request_cors_origin(r, &vary)) {
                 exchange_add_header(r->exchange, "Access-Control-Allow-Methods", "GET, POST, OPTIONS");
                 exchange_add_header(r->exchange, "Access-Control-Allow-Headers",
                                     want && strlen(want) < 1024 ? want
@@ -127,6 +129,138 @@ static void respond_too_large(Request *r) {
                               r->worker->config->max_body_size);
 }
 
+/* A client's header value for an error message: valid UTF-8, at most 200 bytes of it. */
+static char *text_for_message(const char *s) {
+        size_t n = strlen(s);
+        g_autofree char *v = g_utf8_make_valid(s, (gssize) MIN(n, (size_t) 200));
+
+        return n > 200 ? g_strconcat(v, "…", NULL) : TAKE_PTR(v);
+}
+
+/* Splits "name:port", "1.2.3.4:port" or "[v6]:port" (port optional) into its host part, without
+ * brackets or a trailing dot, lower-case. Returns false for anything else. */
+static bool host_header_split(const char *h, char *buf, size_t size) {
+        const char *end, *port;
+        size_t n;
+
+        if (h[0] == '[') {
+                end = strchr(h, ']');
+                if (!end)
+                        return false;
+                port = end + 1;
+                h++;
+        } else {
+                end = strchr(h, ':');
+                port = end ?: h + strlen(h);
+                if (!end)
+                        end = port;
+        }
+        if (*port == ':') {
+                port++;
+                if (*port == 0 || strspn(port, "0123456789") != strlen(port) || strlen(port) > 5)
+                        return false;
+        } else if (*port != 0)
+                return false;
+
+        n = (size_t) (end - h);
+        if (n > 0 && h[n - 1] == '.')
+                n--;
+        if (n == 0 || n >= size)
+                return false;
+        for (size_t i = 0; i < n; i++)
+                buf[i] = g_ascii_tolower(h[i]);
+        buf[n] = 0;
+        return true;
+}
+
+/* localhost, *.localhost, 127.0.0.0/8, ::1 (and ::ffff:127.x): what only this machine can name. */
+static bool host_is_loopback(const char *host) {
+        struct in6_addr a6;
+        struct in_addr a4;
+
+        if (streq(host, "localhost") || g_str_has_suffix(host, ".localhost"))
+                return true;
+        if (inet_pton(AF_INET, host, &a4) == 1)
+                return (ntohl(a4.s_addr) >> 24) == 127;
+        if (inet_pton(AF_INET6, host, &a6) == 1)
+                return IN6_IS_ADDR_LOOPBACK(&a6) || (IN6_IS_ADDR_V4MAPPED(&a6) && a6.s6_addr[12] == 127);
+        return false;
+}
+
+static bool host_is_allowed(const Config *c, const char *host) {
+        for (char **h = c->allowed_hosts; h && *h; h++)
+                if (streq(*h, "*") || streq(*h, host))
+                        return true;
+        return false;
+}
+
+/* A router that only this machine can reach may still be reached by a web page this machine
+ * shows, through a name that an attacker's DNS points at 127.0.0.1 (DNS rebinding): the browser
+ * then sends the attacker's name in Host:. So on loopback only loopback names are answered,
+ * besides those the operator lists in AllowedHosts=. Returns false once it has answered. */
+static bool check_host(Request *r) {
+        Worker *w = r->worker;
+        const char *host = request_header(r, "Host");
+        char buf[256];
+
+        if (!host) {
+                /* RFC 9112 §3.2: a server must answer 400 to an HTTP/1.1 request without Host. */
+                if (!streq(strempty(exchange_version(r->exchange)), "HTTP/1.0")) {
+                        w->stats.rejected++;
+                        request_respond_error(r, 400, "invalid_request_error", NULL,
+                                              "An HTTP/1.1 request needs a Host header.");
+                        return false;
+                }
+                return true;
+        }
+        if (!exchange_front_loopback_only(w->front) || host_is_allowed(w->config, "*"))
+                return true;
+        if (host_header_split(host, buf, sizeof(buf)) && (host_is_loopback(buf) || host_is_allowed(w->config, buf)))
+                return true;
+
+        g_autofree char *shown = text_for_message(host);
+        w->stats.rejected++;
+        request_respond_error(r, 403, "invalid_request_error", NULL,
+                              "Host not allowed: '%s' is not a loopback name or address, and this router listens on "
+                              "loopback only. To accept it, add it to AllowedHosts= in [Router].", shown);
+        return false;
+}
+
+/* "application/json", in any case, optionally with parameters ("; charset=utf-8"). */
+static bool content_type_is_json(const char *ct) {
+        static const char json[] = "application/json";
+
+        if (!ct)
+                return false;
+        ct += strspn(ct, " \t");
+        if (g_ascii_strncasecmp(ct, json, STRLEN(json)) != 0)
+                return false;
+        ct += STRLEN(json);
+        ct += strspn(ct, " \t");
+        return *ct == 0 || *ct == ';';
+}
+
+/* A POST that is not JSON is what a web page may send without asking first (a "simple" CORS
+ * request: text/plain, form data): refused, so that no page can use the API behind the
+ * browser's back, whatever CORSAllowOrigin= says. */
+static bool check_content_type(Request *r) {
+        const char *ct = request_header(r, "Content-Type");
+        g_autofree char *shown = NULL;
+
+        if (content_type_is_json(ct))
+                return true;
+        r->worker->stats.rejected++;
+        if (!ct) {
+                request_respond_error(r, 415, "invalid_request_error", NULL,
+                                      "Content-Type must be application/json; this request has none.");
+                return false;
+        }
+        shown = text_for_message(ct);
+        request_respond_error(r, 415, "invalid_request_error", NULL, "Content-Type must be application/json, not '%s'.",
+                              shown);
+        return false;
+}
+
 void *dispatch_start(Exchange *x, void *userdata) {
         Worker *w = userdata;
         Request *r = request_new(w, x);
@@ -135,6 +269,8 @@ void *dispatch_start(Exchange *x, void *userdata) {
 
         w->stats.http_requests++;
 
+        if (!check_host(r))
+                return r;
         if (streq(method, "OPTIONS")) {
                 respond_preflight(r);
                 return r;
@@ -154,6 +290,9 @@ void *dispatch_start(Exchange *x, void *userdata) {
                 respond_method_not_allowed(r, rt);
                 return r;
         }
+
+        if ((rt->methods & METHODS_POST) && !check_content_type(r))
+                return r;
 
         r->handler = rt->handler;
         r->subpath = rt->subpath;

@@ -625,6 +625,10 @@ bool exchange_front_socket_activated(const ExchangeFront *f) {
         return http_server_socket_activated(f->http);
 }
 
+bool exchange_front_loopback_only(const ExchangeFront *f) {
+        return http_server_loopback_only(f->http);
+}
+
 char *exchange_front_describe(const ExchangeFront *f) {
         return http_server_describe(f->http);
 }

@@ -46,6 +46,8 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(ExchangeFront, exchange_front_free)
 void exchange_front_quiesce(ExchangeFront *f);
 unsigned exchange_front_count(const ExchangeFront *f);
 bool exchange_front_socket_activated(const ExchangeFront *f);
+/* Only this machine can connect (see http_server_loopback_only()). */
+bool exchange_front_loopback_only(const ExchangeFront *f);
 char *exchange_front_describe(const ExchangeFront *f);
 void exchange_front_set_limits(ExchangeFront *f, uint64_t max_body_size, size_t stream_buffer_size);
 

@@ -51,9 +51,38 @@ const char *request_header(Request *r, const char *name) {
         return exchange_header(r->exchange, name);
 }
 
+const char *request_cors_origin(Request *r, bool *ret_vary) {
+        const char *allowed = r->worker->config->cors_allow_origin;
+        const char *origin, *p;
+        size_t n;
+
+        *ret_vary = false;
+        /* CORS headers matter to browsers only, and a browser always sends Origin. */
+        if (!allowed)
+                return NULL;
+        origin = exchange_header(r->exchange, "Origin");
+        if (streq(allowed, "*"))
+                return origin ? "*" : NULL;
+
+        /* A list: the request's own origin is answered when it is one of them. */
+        *ret_vary = true;
+        if (!origin)
+                return NULL;
+        n = strlen(origin);
+        for (p = allowed; *p;) {
+                size_t k = strcspn(p, " \t");
+                if (k == n && g_ascii_strncasecmp(p, origin, n) == 0)
+                        return origin;
+                p += k;
+                p += strspn(p, " \t");
+        }
+        return NULL;
+}
+
 static void request_add_common_headers(Request *r) {
         Exchange *x = r->exchange;
-        const char *origin = r->worker->config->cors_allow_origin;
+        const char *origin;
+        bool vary;
 
         exchange_add_header(x, "X-Request-Id", r->record.request_id);
         if (r->record.provider)
@@ -61,11 +90,13 @@ static void request_add_common_headers(Request *r) {
         if (r->record.tried)
                 /* Who was tried before the one that answered, in order. */
                 exchange_add_header(x, "X-Provider-Tried", r->record.tried->str);
-        /* CORS headers matter to browsers only, and a browser always sends Origin. */
-        if (origin && exchange_header(x, "Origin")) {
+        origin = request_cors_origin(r, &vary);
+        if (origin) {
                 exchange_add_header(x, "Access-Control-Allow-Origin", origin);
                 exchange_add_header(x, "Access-Control-Expose-Headers", "X-Provider, X-Request-Id");
         }
+        if (vary)
+                exchange_add_header(x, "Vary", "Origin");
 }
 
 void request_respond(Request *r, unsigned status, char *body, size_t size) {

@@ -45,6 +45,9 @@ void request_respond_json(Request *r, unsigned status, char *json, size_t size);
 /* An error in the plan's shape; provider may be NULL. Fills the record's error too. */
 void request_respond_error(Request *r, unsigned status, const char *type, const char *provider,
                            const char *format, ...) _printf_(5, 6);
+/* The Access-Control-Allow-Origin value for this request under CORSAllowOrigin=, or NULL for
+ * none; *ret_vary says the answer depends on the request's Origin. */
+const char *request_cors_origin(Request *r, bool *ret_vary);
 /* Begins a streamed answer, with the router's own headers added. */
 void request_stream_begin(Request *r, unsigned status);
 

@@ -1069,6 +1069,42 @@ START_TEST(test_provider_config_refcount) {
 }
 END_TEST
 
+/* Issue 11: what a web page or a client could use is off unless configured. */
+START_TEST(test_safe_defaults) {
+        g_autoptr(Config) c = config_new_default();
+
+        ck_assert_ptr_null(c->cors_allow_origin);
+        ck_assert_ptr_null(c->allowed_hosts);
+}
+END_TEST
+
+START_TEST(test_allowed_hosts) {
+        g_autofree char *path = write_conf("a.conf",
+                "[Router]\n"
+                "AllowedHosts=My-Box.LAN  [FD00::1]\tbox.example. *\n");
+        ConfigSources src = { .path = path };
+        g_autoptr(Config) c = load_ok(&src, NULL);
+
+        ck_assert_ptr_nonnull(c->allowed_hosts);
+        ck_assert_str_eq(c->allowed_hosts[0], "my-box.lan");
+        ck_assert_str_eq(c->allowed_hosts[1], "fd00::1");
+        ck_assert_str_eq(c->allowed_hosts[2], "box.example");
+        ck_assert_str_eq(c->allowed_hosts[3], "*");
+        ck_assert_ptr_null(c->allowed_hosts[4]);
+}
+END_TEST
+
+START_TEST(test_allowed_hosts_invalid) {
+        g_autofree char *path = write_conf("a.conf",
+                "[Router]\n"
+                "AllowedHosts=good.example bad/host\n");
+        ConfigSources src = { .path = path };
+        g_autoptr(GPtrArray) errors = load_fail(&src);
+
+        assert_message(errors, "AllowedHosts= contains 'bad/host', which is not a host name or address");
+}
+END_TEST
+
 static Suite *config_suite(void) {
         Suite *s = suite_create("config");
         TCase *tc;
@@ -1134,6 +1170,13 @@ static Suite *config_suite(void) {
         tcase_add_test(tc, test_names);
         tcase_add_test(tc, test_provider_kind_strings);
         tcase_add_test(tc, test_provider_config_refcount);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("safe-by-default");
+        tcase_add_checked_fixture(tc, setup, teardown);
+        tcase_add_test(tc, test_safe_defaults);
+        tcase_add_test(tc, test_allowed_hosts);
+        tcase_add_test(tc, test_allowed_hosts_invalid);
         suite_add_tcase(s, tc);
 
         return s;

@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Safe by default (issue 11), tried as an attacker would: a web page using the router behind the
+user's back (CORS, simple POSTs, DNS rebinding), the client's key sent where it was not meant to
+go, one request stalling the loop, memory sized by clients, secrets in /health, request
+smuggling shapes. Each test asserts the status and body answered, that nothing already accepted
+was lost, and that the daemon still serves the next request. The D-Bus items are in
+test_dbus.py (they need a private bus)."""
+
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import (LOOPBACK, SLOW, RouterTestCase, chat_body, http_request, main,  # noqa: E402
+                     router_config)
+
+
+def raw_request(port, data, timeout=10.0):
+    """Sends data on a fresh connection; reads one answer. Returns (status, headers, body, closed):
+    closed says the router closed the connection right after the answer."""
+    with socket.create_connection((LOOPBACK, port), timeout=timeout * SLOW) as s:
+        s.sendall(data)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise AssertionError("connection closed before an answer: %r" % buf)
+            buf += chunk
+        head, rest = buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        n = int(headers.get("content-length", "0"))
+        while len(rest) < n:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        body, extra = rest[:n], rest[n:]
+        # Whatever follows must be nothing: a second answer would mean the rest of the bytes
+        # were read as another request.
+        s.settimeout(2 * SLOW)
+        try:
+            more = s.recv(65536)
+            closed = more == b""
+            extra += more
+        except socket.timeout:
+            closed = False
+        except ConnectionResetError:
+            closed = True
+        return status, headers, body, closed, extra
+
+
+def head_bytes(method, path, headers, body=b""):
+    lines = ["%s %s HTTP/1.1" % (method, path)] + ["%s: %s" % kv for kv in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class SecurityCase(RouterTestCase):
+
+    def router_with_mock(self, keys=None, providers=None, **kwargs):
+        self.alpha = self.start_mock("alpha")
+        p = {"alpha": self.alpha.base_url}
+        p.update(providers or {})
+        return self.start_router(lambda port: router_config(port, p, router=keys), **kwargs)
+
+    def assert_raw_error(self, status_headers_body, status, error_type, message_part=None):
+        status_, headers, body = status_headers_body[:3]
+        self.assertEqual(status_, status, status_headers_body)
+        self.assertTrue(headers.get("content-type", "").startswith("application/json"), status_headers_body)
+        self.assertTrue(headers.get("x-request-id"), status_headers_body)
+        err = json.loads(body)["error"]
+        self.assertEqual(err["type"], error_type, body)
+        if message_part:
+            self.assertIn(message_part, err["message"], body)
+        return err
+
+
+# --- 1. a web page using the router behind the user's back ----------------------------------------
+
+class DriveByTest(SecurityCase):
+
+    def test_no_cors_by_default(self):
+        router = self.router_with_mock()
+        # A page's preflight is answered, but without any Access-Control header: the browser
+        # does not send the request.
+        r = router.request("OPTIONS", "/v1/chat/completions", headers={
+            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, x-provider"})
+        self.assertEqual(r.status, 204, r)
+        for h in r.headers.keys():
+            self.assertFalse(h.lower().startswith("access-control-"), r)
+        # Nor may the page read an answer.
+        r = router.chat(chat_body("read me"), headers={"Origin": "http://evil.example"})
+        self.assertEqual(r.status, 200, r)
+        for h in r.headers.keys():
+            self.assertFalse(h.lower().startswith("access-control-"), r)
+        self.assert_still_serves(router)
+
+    def test_cors_when_configured(self):
+        router = self.router_with_mock(keys={"CORSAllowOrigin": "http://app.example http://other.example"})
+        r = router.request("OPTIONS", "/v1/chat/completions", headers={
+            "Origin": "http://app.example", "Access-Control-Request-Method": "POST"})
+        self.assertEqual(r.status, 204, r)
+        self.assertEqual(r.header("Access-Control-Allow-Origin"), "http://app.example", r)
+        self.assertIn("Origin", r.header("Vary") or "", r)
+        r = router.chat(chat_body(), headers={"Origin": "http://other.example"})
+        self.assertEqual(r.header("Access-Control-Allow-Origin"), "http://other.example", r)
+        # An origin not listed gets no CORS header at all.
+        r = router.chat(chat_body(), headers={"Origin": "http://evil.example"})
+        self.assertEqual(r.status, 200, r)
+        self.assertIsNone(r.header("Access-Control-Allow-Origin"), r)
+        self.assertIn("Origin", r.header("Vary") or "", r)
+        self.assert_still_serves(router)
+
+    def test_simple_post_refused(self):
+        """A page may POST text/plain or a form without a preflight: 415, and nothing reaches a
+        provider."""
+        router = self.router_with_mock()
+        body = json.dumps(chat_body("spend the key")).encode()
+        for ctype in ("text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                      "multipart/form-data; boundary=x", "application/jsonp", "application/json-seq", None):
+            with self.subTest(ctype=ctype):
+                headers = {"X-Provider": "alpha", "Origin": "http://evil.example"}
+                if ctype:
+                    headers["Content-Type"] = ctype
+                status, h, b, _, _ = raw_request(router.port, head_bytes(
+                    "POST", "/v1/chat/completions",
+                    [("Host", "127.0.0.1:%d" % router.port), ("Content-Length", str(len(body)))] +
+                    list(headers.items()), body))
+                self.assert_raw_error((status, h, b), 415, "invalid_request_error", "application/json")
+        self.assertEqual(self.alpha.stats()["chat"], 0)
+        # JSON in any spelling passes.
+        for ctype in ("application/json", "Application/JSON", "application/json; charset=utf-8",
+                      "application/json;charset=UTF-8"):
+            r = router.chat(chat_body("ok"), headers={"Content-Type": ctype})
+            self.assertEqual(r.status, 200, (ctype, r))
+        self.assertEqual(self.alpha.stats()["chat"], 4)
+        self.assert_still_serves(router)
+
+    def test_rebinding_host_refused(self):
+        """DNS rebinding: a page's own name, pointed at 127.0.0.1, arrives in Host:."""
+        router = self.router_with_mock()
+        port = router.port
+        for host in ("evil.example:%d" % port, "evil.example", "127.0.0.1.evil.example",
+                     "localhost.evil.example", "10.0.0.1:%d" % port, "[::2]:%d" % port, "", "a b"):
+            with self.subTest(host=host):
+                r = router.chat(chat_body("rebound"), headers={"Host": host, "X-Provider": "alpha"})
+                err = self.assert_error(r, 403, "invalid_request_error", "Host not allowed")
+                self.assertIn("AllowedHosts=", err["message"], r)
+                self.assertIn("'%s'" % host, err["message"], r)
+                # /health and /v1/models tell a page just as much.
+                r = router.request("GET", "/health", headers={"Host": host})
+                self.assertEqual(r.status, 403, r)
+        self.assertEqual(self.alpha.stats()["chat"], 0)
+        for host in ("localhost", "localhost:%d" % port, "LocalHost.:%d" % port, "app.localhost:%d" % port,
+                     "127.0.0.1", "127.0.0.1:%d" % port, "127.1.2.3:%d" % port, "[::1]:%d" % port, "[::1]"):
+            with self.subTest(host=host):
+                r = router.chat(chat_body("local"), headers={"Host": host})
+                self.assertEqual(r.status, 200, (host, r))
+        self.assert_still_serves(router)
+
+    def test_allowed_hosts(self):
+        router = self.router_with_mock(keys={"AllowedHosts": "my-box.lan [fd00::1] My-Other.Example."})
+        for host in ("my-box.lan", "my-box.lan:%d" % router.port, "MY-BOX.LAN", "[fd00::1]:80",
+                     "my-other.example", "localhost"):
+            r = router.chat(chat_body(), headers={"Host": host})
+            self.assertEqual(r.status, 200, (host, r))
+        r = router.chat(chat_body(), headers={"Host": "evil.example"})
+        self.assert_error(r, 403, "invalid_request_error", "Host not allowed")
+        self.assert_still_serves(router)
+        # '*' turns the check off.
+        star = self.start_router(lambda port: router_config(port, {"alpha": self.alpha.base_url},
+                                                            router={"AllowedHosts": "*"}))
+        r = star.chat(chat_body(), headers={"Host": "anything.example"})
+        self.assertEqual(r.status, 200, r)
+        self.assert_still_serves(star)
+
+    @unittest.skipUnless(shutil.which("systemd-socket-activate"), "systemd-socket-activate not installed")
+    def test_rebinding_host_refused_on_passed_socket(self):
+        router = self.router_with_mock(socket_activated=True)
+        r = router.chat(chat_body(), headers={"Host": "evil.example:%d" % router.port})
+        self.assert_error(r, 403, "invalid_request_error", "Host not allowed")
+        self.assertEqual(self.alpha.stats()["chat"], 0)
+        self.assert_still_serves(router)
+
+    def test_http11_without_host(self):
+        router = self.router_with_mock()
+        body = json.dumps(chat_body("no host")).encode()
+        res = raw_request(router.port, head_bytes("POST", "/v1/chat/completions", [
+            ("Content-Type", "application/json"), ("Content-Length", str(len(body)))], body))
+        self.assert_raw_error(res, 400, "invalid_request_error", "Host")
+        res = raw_request(router.port, head_bytes("GET", "/health", []))
+        self.assert_raw_error(res, 400, "invalid_request_error", "Host")
+        self.assertEqual(self.alpha.stats()["chat"], 0)
+        # HTTP/1.0 has no Host: served.
+        res = raw_request(router.port, b"GET /health HTTP/1.0\r\n\r\n")
+        self.assertEqual(res[0], 200, res)
+        self.assert_still_serves(router)
+
+
+if __name__ == "__main__":
+    main()
