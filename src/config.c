@@ -57,6 +57,25 @@ ProviderConfig *provider_config_ref(ProviderConfig *p) {
         return p;
 }
 
+static const char *const client_authorization_table[_CLIENT_AUTHORIZATION_MAX] = {
+        [CLIENT_AUTHORIZATION_ROUTED] = "routed",
+        [CLIENT_AUTHORIZATION_ALWAYS] = "always",
+        [CLIENT_AUTHORIZATION_NEVER] = "never",
+};
+
+const char *client_authorization_to_string(ClientAuthorization a) {
+        if (a < 0 || a >= _CLIENT_AUTHORIZATION_MAX)
+                return NULL;
+        return client_authorization_table[a];
+}
+
+ClientAuthorization client_authorization_from_string(const char *s) {
+        for (int i = 0; s && i < _CLIENT_AUTHORIZATION_MAX; i++)
+                if (streq(s, client_authorization_table[i]))
+                        return (ClientAuthorization) i;
+        return _CLIENT_AUTHORIZATION_INVALID;
+}
+
 void provider_config_destroy(gpointer p) {
         provider_config_unref(p);
 }
@@ -650,6 +669,13 @@ static void parse_provider_group(Parser *p, GKeyFile *kf, const char *group, con
                 } else if (streq(key, "MaxRetries")) {
                         if (parse_unsigned(v, 0, 10, &pc->max_retries) < 0)
                                 parser_error(p, "%s: [%s] MaxRetries='%s' must be between 0 and 10", p->source, group, v);
+                } else if (streq(key, "ClientAuthorization")) {
+                        ClientAuthorization a = client_authorization_from_string(v);
+                        if (a < 0)
+                                parser_error(p, "%s: [%s] ClientAuthorization='%s' must be routed, always or never",
+                                             p->source, group, v);
+                        else
+                                pc->client_authorization = a;
                 } else if (streq(key, "Fallbacks")) {
                         g_strfreev(pc->fallbacks);
                         pc->fallbacks = g_key_file_get_string_list(kf, group, key, NULL, NULL);

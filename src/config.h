@@ -16,6 +16,19 @@ typedef enum ProviderKind {
 const char *provider_kind_to_string(ProviderKind k);
 ProviderKind provider_kind_from_string(const char *s);
 
+/* Whether a client's own Authorization header may be passed to a provider (one without a key of
+ * its own, and only when the header is not one of the router's client tokens). */
+typedef enum ClientAuthorization {
+        CLIENT_AUTHORIZATION_ROUTED,  /* only to the provider the request was routed to */
+        CLIENT_AUTHORIZATION_ALWAYS,  /* also as a fallback and in the merged /v1/models */
+        CLIENT_AUTHORIZATION_NEVER,
+        _CLIENT_AUTHORIZATION_MAX,
+        _CLIENT_AUTHORIZATION_INVALID = -EINVAL,
+} ClientAuthorization;
+
+const char *client_authorization_to_string(ClientAuthorization a);
+ClientAuthorization client_authorization_from_string(const char *s);
+
 /* One [Provider NAME] group, resolved: the secret is loaded, timeouts are in µs. Immutable once
  * loaded and reference counted, so a request in flight keeps the provider it started with
  * across a reload. */
@@ -42,6 +55,7 @@ typedef struct ProviderConfig {
         usec_t idle_timeout_usec;
         unsigned max_concurrent;   /* 0 = unlimited */
         unsigned max_retries;
+        ClientAuthorization client_authorization;
 } ProviderConfig;
 
 ProviderConfig *provider_config_ref(ProviderConfig *p);

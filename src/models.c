@@ -250,7 +250,7 @@ static void models_start(Request *r) {
                 UpstreamRequest req = {
                         .url = pc->models_url,
                         .api_key = pc->api_key,
-                        .authorization = request_upstream_authorization(r, p),
+                        .authorization = request_upstream_authorization(r, p, p == q->only),
                         .request_id = r->record.request_id,
                         .connect_timeout = MIN(pc->connect_timeout_usec, MODELS_TIMEOUT_USEC),
                         .first_byte_timeout = MODELS_TIMEOUT_USEC,

@@ -504,7 +504,7 @@ static void proxy_start_attempt(Proxy *px, Provider *p) {
                 .body = body,
                 .body_size = body_size,
                 .api_key = pc->api_key,
-                .authorization = request_upstream_authorization(r, p),
+                .authorization = request_upstream_authorization(r, p, p == px->routed),
                 .request_id = rec->request_id,
                 .stream = px->info.stream,
                 .connect_timeout = pc->connect_timeout_usec,

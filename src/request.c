@@ -142,8 +142,18 @@ void request_begin_provider(Request *r, Provider *p) {
         record_begin_provider(&r->record, p->name, p->stats);
 }
 
-const char *request_upstream_authorization(Request *r, const Provider *p) {
+const char *request_upstream_authorization(Request *r, const Provider *p, bool routed) {
         if (p->config->api_key || r->worker->config->client_token_digests)
                 return NULL;
+        switch (p->config->client_authorization) {
+        case CLIENT_AUTHORIZATION_ALWAYS:
+                break;
+        case CLIENT_AUTHORIZATION_ROUTED:
+                if (!routed)
+                        return NULL;
+                break;
+        default:
+                return NULL;
+        }
         return request_header(r, "Authorization");
 }

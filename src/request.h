@@ -51,10 +51,12 @@ const char *request_cors_origin(Request *r, bool *ret_vary);
 /* Begins a streamed answer, with the router's own headers added. */
 void request_stream_begin(Request *r, unsigned status);
 
-/* The client's Authorization header to pass to provider p, or NULL: a provider with its own key
- * never sees the client's, nor does any provider when the header carried one of the router's
- * own client tokens. */
-const char *request_upstream_authorization(Request *r, const Provider *p);
+/* The client's Authorization header to pass to provider p, or NULL. routed: p is the provider the
+ * request was routed to (X-Provider, mapping, default, a split's arm), not a fallback nor one
+ * asked on the side (the merged /v1/models). A provider with its own key never sees the
+ * client's, nor does any provider when the header carried one of the router's own client
+ * tokens; otherwise the provider's ClientAuthorization= decides. */
+const char *request_upstream_authorization(Request *r, const Provider *p, bool routed);
 
 /* Counts the request against a provider from now on. */
 void request_begin_provider(Request *r, Provider *p);

@@ -207,5 +207,70 @@ class DriveByTest(SecurityCase):
         self.assert_still_serves(router)
 
 
+# --- 2. the client's key only where the client sent it -------------------------------------------
+
+class ClientKeyTest(SecurityCase):
+    KEY = "Bearer sk-client-own-key"
+
+    def setUp(self):
+        self.alpha = self.start_mock("alpha")
+        self.beta = self.start_mock("beta")
+        self.gamma = self.start_mock("gamma")
+        gone = "http://127.0.0.1:1/v1"
+        self.router = self.start_router(lambda port: router_config(port, {
+            "alpha": self.alpha.base_url,
+            "beta": {"BaseURL": self.beta.base_url, "ClientAuthorization": "always"},
+            "gamma": {"BaseURL": self.gamma.base_url, "ClientAuthorization": "never"},
+            "gone": {"BaseURL": gone, "Fallbacks": "alpha"},
+            "gone-to-beta": {"BaseURL": gone, "Fallbacks": "beta"}}, default="alpha"))
+
+    def sent(self, mock):
+        return mock.stats()["last_request"]["headers"].get("authorization")
+
+    def test_routed_provider_gets_the_key(self):
+        r = self.router.chat(chat_body(), headers={"Authorization": self.KEY})
+        self.assertEqual((r.status, r.header("X-Provider")), (200, "alpha"), r)
+        self.assertEqual(self.sent(self.alpha), self.KEY)
+        r = self.router.chat(chat_body(), headers={"Authorization": self.KEY, "X-Provider": "alpha"})
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(self.sent(self.alpha), self.KEY)
+        # ClientAuthorization=never: not even when routed there.
+        r = self.router.chat(chat_body(), headers={"Authorization": self.KEY, "X-Provider": "gamma"})
+        self.assertEqual((r.status, r.header("X-Provider")), (200, "gamma"), r)
+        self.assertIsNone(self.sent(self.gamma))
+        self.assert_still_serves(self.router)
+
+    def test_fallback_does_not_get_the_key(self):
+        r = self.router.chat(chat_body("to gone"), headers={"Authorization": self.KEY, "X-Provider": "gone"})
+        self.assertEqual((r.status, r.header("X-Provider"), r.header("X-Provider-Tried")), (200, "alpha", "gone, alpha"), r)
+        self.assertEqual(r.json()["choices"][0]["message"]["content"], "alpha: to gone")
+        self.assertIsNone(self.sent(self.alpha))
+        s = self.router.stream(chat_body("streamed", stream=True), headers={"Authorization": self.KEY, "X-Provider": "gone"})
+        self.assertTrue(s.done() and s.complete)
+        self.assertEqual(s.content(), "alpha: streamed")
+        self.assertIsNone(self.sent(self.alpha))
+        # Unless the fallback says it may have it.
+        r = self.router.chat(chat_body(), headers={"Authorization": self.KEY, "X-Provider": "gone-to-beta"})
+        self.assertEqual((r.status, r.header("X-Provider")), (200, "beta"), r)
+        self.assertEqual(self.sent(self.beta), self.KEY)
+        self.assert_still_serves(self.router, self.alpha)
+
+    def test_merged_models_do_not_get_the_key(self):
+        r = self.router.request("GET", "/v1/models", headers={"Authorization": self.KEY})
+        self.assertEqual(r.status, 200, r)
+        ids = [m["id"] for m in r.json()["data"]]
+        self.assertIn("echo", ids)
+        self.assertEqual(self.alpha.stats()["models"], 1)
+        self.assertIsNone(self.sent(self.alpha))
+        self.assertIsNone(self.sent(self.gamma))
+        self.assertEqual(self.sent(self.beta), self.KEY)
+        # Asked of one provider, the request is routed there.
+        r = self.router.request("GET", "/v1/models", headers={"Authorization": self.KEY, "X-Provider": "alpha"})
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(self.alpha.stats()["models"], 2)
+        self.assertEqual(self.sent(self.alpha), self.KEY)
+        self.assert_still_serves(self.router)
+
+
 if __name__ == "__main__":
     main()

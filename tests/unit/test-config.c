@@ -1105,6 +1105,28 @@ START_TEST(test_allowed_hosts_invalid) {
 }
 END_TEST
 
+START_TEST(test_client_authorization) {
+        g_autofree char *path = write_conf("a.conf",
+                "[Provider a]\nBaseURL=http://127.0.0.1:1/v1\n"
+                "[Provider b]\nBaseURL=http://127.0.0.1:2/v1\nClientAuthorization=always\n"
+                "[Provider c]\nBaseURL=http://127.0.0.1:3/v1\nClientAuthorization=never\n"
+                "[Router]\nDefaultProvider=a\n");
+        g_autofree char *bad = write_conf("b.conf",
+                "[Provider a]\nBaseURL=http://127.0.0.1:1/v1\nClientAuthorization=sometimes\n"
+                "[Router]\nDefaultProvider=a\n");
+        ConfigSources src = { .path = path }, src_bad = { .path = bad };
+        g_autoptr(Config) c = load_ok(&src, NULL);
+        g_autoptr(GPtrArray) errors = load_fail(&src_bad);
+
+        ck_assert_int_eq(config_find_provider(c, "a")->client_authorization, CLIENT_AUTHORIZATION_ROUTED);
+        ck_assert_int_eq(config_find_provider(c, "b")->client_authorization, CLIENT_AUTHORIZATION_ALWAYS);
+        ck_assert_int_eq(config_find_provider(c, "c")->client_authorization, CLIENT_AUTHORIZATION_NEVER);
+        assert_message(errors, "ClientAuthorization='sometimes' must be routed, always or never");
+        ck_assert_str_eq(client_authorization_to_string(CLIENT_AUTHORIZATION_ALWAYS), "always");
+        ck_assert_ptr_null(client_authorization_to_string(_CLIENT_AUTHORIZATION_MAX));
+}
+END_TEST
+
 static Suite *config_suite(void) {
         Suite *s = suite_create("config");
         TCase *tc;
@@ -1177,6 +1199,7 @@ static Suite *config_suite(void) {
         tcase_add_test(tc, test_safe_defaults);
         tcase_add_test(tc, test_allowed_hosts);
         tcase_add_test(tc, test_allowed_hosts_invalid);
+        tcase_add_test(tc, test_client_authorization);
         suite_add_tcase(s, tc);
 
         return s;
