@@ -329,6 +329,7 @@ static void dispatch_body_complete(Exchange *x, void *userdata) {
 static void dispatch_hangup(Exchange *x, void *userdata) {
         Request *r = userdata;
 
+        request_clear_producer(r);
         if (r->handler && r->handler->cancel)
                 r->handler->cancel(r);
         if (r->record.error_class == ERROR_CLASS_NONE)
@@ -338,7 +339,9 @@ static void dispatch_hangup(Exchange *x, void *userdata) {
 static void dispatch_writable(Exchange *x, void *userdata) {
         Request *r = userdata;
 
-        if (r->handler && r->handler->writable)
+        if (r->producer.writable)
+                r->producer.writable(r, r->producer.data);
+        else if (r->handler && r->handler->writable)
                 r->handler->writable(r);
 }
 
@@ -346,6 +349,7 @@ static void dispatch_done(Exchange *x, bool completed, void *userdata) {
         Request *r = userdata;
         RequestRecord *rec = &r->record;
 
+        request_clear_producer(r);
         if (r->handler) {
                 if (r->handler->cancel)
                         r->handler->cancel(r);

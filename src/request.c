@@ -38,9 +38,23 @@ Request *request_new(Worker *w, Exchange *x) {
         return r;
 }
 
+void request_set_producer(Request *r, const RequestProducer *p) {
+        request_clear_producer(r);
+        r->producer = *p;
+}
+
+void request_clear_producer(Request *r) {
+        RequestProducer p = r->producer;
+
+        r->producer = (RequestProducer) {};
+        if (p.free)
+                p.free(p.data);
+}
+
 Request *request_free(Request *r) {
         if (!r)
                 return NULL;
+        request_clear_producer(r);
         record_clear(&r->record);
         provider_set_unref(r->providers);
         g_free(r);

@@ -23,11 +23,21 @@ typedef struct Handler {
         void (*free)(Request *r);
 } Handler;
 
+/* Something other than the handler that writes a streamed answer bit by bit, as the client
+ * reads it (the echo provider, answering for the proxy): told when the stream has room again,
+ * freed with the request or when the client leaves. */
+typedef struct RequestProducer {
+        void (*writable)(Request *r, void *data);
+        void (*free)(void *data);
+        void *data;
+} RequestProducer;
+
 struct Request {
         Worker *worker;
         Exchange *exchange;
         const Handler *handler;
         void *data;                   /* the handler's own state */
+        RequestProducer producer;     /* set: it, not the handler, hears writable() */
         ProviderSet *providers;       /* ref: providers stay valid until the request ends */
         RequestRecord record;
         const char *subpath;          /* the part of the path after the route's prefix */
@@ -57,6 +67,10 @@ void request_stream_begin(Request *r, unsigned status);
  * client's, nor does any provider when the header carried one of the router's own client
  * tokens; otherwise the provider's ClientAuthorization= decides. */
 const char *request_upstream_authorization(Request *r, const Provider *p, bool routed);
+
+/* Hands the rest of a streamed answer to a producer (see RequestProducer). */
+void request_set_producer(Request *r, const RequestProducer *p);
+void request_clear_producer(Request *r);
 
 /* Counts the request against a provider from now on. */
 void request_begin_provider(Request *r, Provider *p);

@@ -7,17 +7,60 @@ smuggling shapes. Each test asserts the status and body answered, that nothing a
 was lost, and that the daemon still serves the next request. The D-Bus items are in
 test_dbus.py (they need a private bus)."""
 
+import http.client
 import json
 import os
 import shutil
 import socket
 import sys
+import threading
 import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (LOOPBACK, SLOW, RouterTestCase, chat_body, http_request, main,  # noqa: E402
-                     router_config)
+                     router_config, stream_request)
+
+# What the echo provider echoes at most (README, provider-router.conf(5)).
+ECHO_REPLY_MAX = 64 * 1024
+
+
+class LoopProbe(threading.Thread):
+    """Asks GET /health over and over on one kept-alive connection while a test runs; the longest
+    answer time is an upper bound of the loop's longest stall meanwhile."""
+
+    def __init__(self, port):
+        super().__init__(daemon=True)
+        self.port = port
+        self.worst = 0.0
+        self.count = 0
+        self.stopping = False
+        self.error = None
+        self.start()
+
+    def run(self):
+        try:
+            c = http.client.HTTPConnection(LOOPBACK, self.port, timeout=120 * SLOW)
+            while not self.stopping:
+                t = time.monotonic()
+                c.request("GET", "/health")
+                r = c.getresponse()
+                r.read()
+                if r.status != 200:
+                    raise AssertionError("GET /health answered %d" % r.status)
+                self.worst = max(self.worst, time.monotonic() - t)
+                self.count += 1
+                time.sleep(0.002)
+            c.close()
+        except Exception as e:  # reported by stop()
+            self.error = e
+
+    def stop(self):
+        self.stopping = True
+        self.join(130 * SLOW)
+        if self.error:
+            raise AssertionError("the /health probe failed: %r" % self.error)
+        return self.worst
 
 
 def raw_request(port, data, timeout=10.0):
@@ -270,6 +313,101 @@ class ClientKeyTest(SecurityCase):
         self.assertEqual(self.alpha.stats()["models"], 2)
         self.assertEqual(self.sent(self.alpha), self.KEY)
         self.assert_still_serves(self.router)
+
+
+# --- 4. one request stalling the loop ------------------------------------------------------------
+
+class EchoTest(SecurityCase):
+    # An 8 MB body of one-letter words: once a 724 MB answer built on the loop in 29 s.
+    WORDS = 3_990_000
+
+    def big_body(self, stream):
+        return chat_body("a " * self.WORDS, model="echo", stream=stream,
+                         **({"stream_options": {"include_usage": True}} if stream else {}))
+
+    def test_large_echo_does_not_stall_the_loop(self):
+        router = self.router_with_mock()
+        body = json.dumps(self.big_body(True)).encode()
+        self.assertLess(len(body), 8 * 1024 * 1024)
+        results = {}
+
+        def one(i):
+            results[i] = stream_request(router.port, "/v1/chat/completions", body,
+                                        headers={"X-Provider": "echo"}, timeout=120)
+
+        probe = LoopProbe(router.port)
+        time.sleep(0.2)
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        # Meanwhile an ordinary request is served as usual.
+        r = router.chat(chat_body("meanwhile"), headers={"X-Provider": "alpha"})
+        for t in threads:
+            t.join(180 * SLOW)
+        worst = probe.stop()
+        rss = router.rss_kib()
+
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json()["choices"][0]["message"]["content"], "alpha: meanwhile")
+        for i in range(2):
+            s = results[i]
+            self.assertEqual(s.status, 200)
+            self.assertTrue(s.complete and s.done(), s.raw[-300:])
+            # Bounded: 64 KiB of the message, one event per word, finish_reason "length".
+            self.assertEqual(s.content(), "a " * (ECHO_REPLY_MAX // 2))
+            chunks = s.json_chunks()
+            finish = [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")]
+            self.assertEqual(finish[-1], "length")
+            self.assertEqual(chunks[-1]["usage"], {"prompt_tokens": self.WORDS, "completion_tokens": ECHO_REPLY_MAX // 2,
+                                                   "total_tokens": self.WORDS + ECHO_REPLY_MAX // 2})
+            self.assertLess(len(s.raw), 8 * 1024 * 1024)
+        # The loop answered /health all along (the watchdog is 30 s; one slice is a few ms).
+        self.assertGreater(probe.count, 10)
+        self.assertLess(worst, 0.5 * SLOW, "the loop stalled for %.3f s" % worst)
+        self.assertLess(rss, 200 * 1024, "RSS %d KiB" % rss)
+        print("\n    two 8 MB echo streams at once: longest /health answer %.1f ms over %d probes, RSS %d KiB"
+              % (worst * 1000, probe.count, rss), file=sys.stderr)
+        self.assert_still_serves(router)
+
+    def test_large_echo_whole_answer_bounded(self):
+        router = self.router_with_mock()
+        probe = LoopProbe(router.port)
+        r = router.chat(self.big_body(False), headers={"X-Provider": "echo"}, timeout=120)
+        worst = probe.stop()
+        self.assertEqual(r.status, 200, r)
+        doc = r.json()
+        self.assertEqual(doc["choices"][0]["message"]["content"], "a " * (ECHO_REPLY_MAX // 2))
+        self.assertEqual(doc["choices"][0]["finish_reason"], "length")
+        self.assertEqual(doc["usage"]["prompt_tokens"], self.WORDS)
+        self.assertLess(worst, 0.5 * SLOW, "the loop stalled for %.3f s" % worst)
+        self.assert_still_serves(router)
+
+    def test_echo_cut_at_a_character(self):
+        router = self.router_with_mock()
+        text = "é" * ECHO_REPLY_MAX  # two bytes each: the cut falls inside none of them
+        r = router.chat(chat_body(text, model="echo"), headers={"X-Provider": "echo"})
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json()["choices"][0]["message"]["content"], "é" * (ECHO_REPLY_MAX // 2))
+        s = router.stream(chat_body(text, model="echo", stream=True), headers={"X-Provider": "echo"})
+        self.assertTrue(s.done() and s.complete)
+        self.assertEqual(s.content(), "é" * (ECHO_REPLY_MAX // 2))
+        # Below the bound nothing changes: "stop", the whole text.
+        s = router.stream(chat_body("one two  three", model="echo", stream=True), headers={"X-Provider": "echo"})
+        self.assertEqual(s.content(), "one two  three")
+        self.assertEqual(s.json_chunks()[-1]["choices"][0]["finish_reason"], "stop")
+        self.assert_still_serves(router)
+
+    def test_client_leaving_mid_echo_stream(self):
+        router = self.router_with_mock()
+        body = json.dumps(self.big_body(True)).encode()
+        from harness import RawClient
+        c = RawClient(router.port, rcvbuf=4096)
+        c.send_request("POST", "/v1/chat/completions", body, headers={"X-Provider": "echo"})
+        status, _ = c.read_head()
+        self.assertEqual(status, 200)
+        c.read_until(b"data: ")
+        c.close(reset=True)
+        self.assert_still_serves(router)
 
 
 if __name__ == "__main__":
