@@ -156,6 +156,7 @@ static Config *config_new_empty(void) {
         c->max_response_size = 64 * 1024 * 1024;
         c->max_header_size = 32 * 1024;
         c->stream_buffer_size = 16 * 1024;
+        c->max_buffered_size = 256 * 1024 * 1024;
         c->max_connections = 4096;
         c->cors_allow_origin = NULL; /* a web page may use the router only when told so */
         c->failure_threshold = 3;
@@ -548,6 +549,8 @@ static void parse_router_group(Parser *p, GKeyFile *kf) {
                         set_size(p, group, key, &c->max_header_size, v, 4096, 1024 * 1024);
                 else if (streq(key, "StreamBufferSize"))
                         set_size(p, group, key, &c->stream_buffer_size, v, 4096, 64ULL * 1024 * 1024);
+                else if (streq(key, "MaxBufferedSize"))
+                        set_size(p, group, key, &c->max_buffered_size, v, 1024 * 1024, 1024ULL * 1024 * 1024 * 1024);
                 else if (streq(key, "MaxConnections")) {
                         if (parse_unsigned(v, 1, 1000000, &c->max_connections) < 0)
                                 parser_error(p, "%s: [Router] MaxConnections='%s' must be between 1 and 1000000",
@@ -1035,6 +1038,10 @@ static void validate(Parser *p, const ConfigSources *src) {
         load_client_tokens(p, src);
         if (c->max_cooldown_usec < c->cooldown_usec)
                 c->max_cooldown_usec = c->cooldown_usec;
+        if (c->max_buffered_size < c->max_body_size)
+                parser_warning(p, "MaxBufferedSize=%" PRIu64 " is smaller than MaxBodySize=%" PRIu64
+                               ": a body larger than the first is always refused with 503",
+                               c->max_buffered_size, c->max_body_size);
 
         if (c->providers->len == 0)
                 parser_error(p, "no providers are configured");

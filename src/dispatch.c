@@ -261,6 +261,20 @@ static bool check_content_type(Request *r) {
         return false;
 }
 
+/* MaxBufferedSize= is used up by requests and answers in flight: new work waits its turn at the
+ * client, not in our memory. Nothing accepted before is touched. */
+static void respond_no_room(Request *r) {
+        Budget *b = exchange_front_budget(r->worker->front);
+
+        exchange_add_header(r->exchange, "Retry-After", "1");
+        r->worker->stats.rejected++;
+        record_set_error(&r->record, ERROR_CLASS_OVERLOAD, "overloaded_error", NULL);
+        request_respond_error(r, 503, "overloaded_error", NULL,
+                              "The router is busy: requests and answers in flight hold %" PRIu64 " of the %" PRIu64
+                              " bytes it may buffer (MaxBufferedSize=). Retry shortly.",
+                              budget_used(b), budget_limit(b));
+}
+
 void *dispatch_start(Exchange *x, void *userdata) {
         Worker *w = userdata;
         Request *r = request_new(w, x);
@@ -293,13 +307,19 @@ void *dispatch_start(Exchange *x, void *userdata) {
 
         if ((rt->methods & METHODS_POST) && !check_content_type(r))
                 return r;
+        if (!rt->quiet && budget_exhausted(exchange_front_budget(w->front))) {
+                respond_no_room(r);
+                return r;
+        }
 
         r->handler = rt->handler;
         r->subpath = rt->subpath;
         exchange_set_body_limit(x, w->config->max_body_size);
+        /* Both refused before a byte of the body is read. */
         if ((rt->methods & METHODS_POST) && exchange_body_too_large(x))
-                /* Refused before a byte of it is read. */
                 respond_too_large(r);
+        else if (exchange_body_no_room(x))
+                respond_no_room(r);
         return r;
 }
 
@@ -313,6 +333,10 @@ static void dispatch_body_complete(Exchange *x, void *userdata) {
                                       "Unknown path '%s'. This router serves POST /v1/chat/completions, "
                                       "GET /v1/models and GET /health.",
                                       exchange_path(x));
+                return;
+        }
+        if (exchange_body_no_room(x)) {
+                respond_no_room(r);
                 return;
         }
         if (exchange_body_too_large(x)) {

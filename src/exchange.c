@@ -22,6 +22,7 @@ struct ExchangeFront {
         void *userdata;
         uint64_t max_body_size;
         size_t stream_buffer_size;
+        Budget *budget;
         GList *exchanges;          /* Exchange* */
         unsigned n_exchanges;
         sd_event_source *hup_sweep;
@@ -45,7 +46,9 @@ struct Exchange {
         uint64_t body_limit;
         uint64_t body_received;    /* including what was dropped past the limit */
         bool body_too_large;
+        bool body_no_room;         /* the budget had no room for it */
         bool body_complete;
+        uint64_t body_counted;     /* against the budget: announced length, or what was allocated */
 
         /* the answer */
         GString *headers;          /* "name\0value\0" … for the next answer */
@@ -64,6 +67,8 @@ struct Exchange {
         bool stream_ended;
         bool stream_error;
         bool want_writable;
+        bool stream_broken;        /* no memory for what was written: end it with an error */
+        uint64_t answer_counted;   /* against the budget: the stream's buffer, a whole answer */
         char *buf;
         size_t buf_head;           /* bytes before it went out already */
         size_t buf_size;
@@ -130,6 +135,18 @@ bool exchange_body_too_large(const Exchange *x) {
         return x->body_too_large;
 }
 
+bool exchange_body_no_room(const Exchange *x) {
+        return x->body_no_room;
+}
+
+/* Forgets the body; the rest of it is read and dropped. */
+static void exchange_drop_body(Exchange *x) {
+        g_clear_pointer(&x->body, g_free);
+        x->body_size = x->body_alloc = 0;
+        budget_give(x->front->budget, x->body_counted);
+        x->body_counted = 0;
+}
+
 void exchange_set_body_limit(Exchange *x, uint64_t limit) {
         const char *cl = exchange_header(x, MHD_HTTP_HEADER_CONTENT_LENGTH);
         uint64_t n;
@@ -147,27 +164,63 @@ void exchange_set_body_limit(Exchange *x, uint64_t limit) {
                 x->body_too_large = true;
                 return;
         }
+        if (n == 0)
+                return;
+        /* What a client announces is counted before it arrives: 200 clients announcing 8 MiB
+         * and sending slowly hold the budget, not 1.6 GB. */
+        if (!budget_try_take(x->front->budget, n + 1 - x->body_counted)) {
+                x->body_no_room = true;
+                return;
+        }
+        x->body_counted = n + 1; /* and its NUL */
         /* Room for what was announced, up to a bound: a client announcing a large body gets
          * memory only as its bytes really arrive. */
-        if (n > 0) {
-                x->body_alloc = (size_t) MIN(n, (uint64_t) BODY_PREALLOC_MAX) + 1;
-                x->body = g_malloc(x->body_alloc);
+        x->body_alloc = (size_t) MIN(n, (uint64_t) BODY_PREALLOC_MAX) + 1;
+        x->body = g_try_malloc(x->body_alloc);
+        if (!x->body)
+                x->body_alloc = 0;
+}
+
+/* Grows the body's buffer to hold need bytes, counted against the budget; false when there is
+ * no room or no memory. */
+static bool exchange_body_grow(Exchange *x, size_t need) {
+        Budget *b = x->front->budget;
+        size_t want = (size_t) MIN((uint64_t) MAX(x->body_alloc * 2, need), x->body_limit + 1);
+        char *p;
+
+        want = MAX(want, need);
+        if (need <= x->body_counted)
+                want = MIN(want, (size_t) x->body_counted); /* within what was announced */
+        if (want > x->body_counted) {
+                if (!budget_try_take(b, want - x->body_counted)) {
+                        want = need; /* the doubling did not fit: just enough, then */
+                        if (want > x->body_counted && !budget_try_take(b, want - x->body_counted))
+                                return false;
+                }
+                x->body_counted = MAX(x->body_counted, (uint64_t) want);
         }
+        p = g_try_realloc(x->body, want);
+        if (!p)
+                return false;
+        x->body = p;
+        x->body_alloc = want;
+        return true;
 }
 
 static void exchange_body_append(Exchange *x, const char *data, size_t size) {
-        if (x->body_too_large)
+        if (x->body_too_large || x->body_no_room)
                 return;
         if (x->body_size + size > x->body_limit) {
                 x->body_too_large = true;
-                g_clear_pointer(&x->body, g_free);
-                x->body_size = x->body_alloc = 0;
+                exchange_drop_body(x);
                 return;
         }
-        if (x->body_size + size + 1 > x->body_alloc) {
-                size_t want = MAX(x->body_alloc * 2, x->body_size + size + 1);
-                x->body_alloc = (size_t) MIN((uint64_t) want, x->body_limit + 1);
-                x->body = g_realloc(x->body, x->body_alloc);
+        if (x->body_size + size + 1 > x->body_alloc && !exchange_body_grow(x, x->body_size + size + 1)) {
+                log_debug("No room for the body of %s '%s' (%" PRIu64 " bytes buffered of MaxBufferedSize=%" PRIu64 ")",
+                          x->method, x->url, budget_used(x->front->budget), budget_limit(x->front->budget));
+                x->body_no_room = true;
+                exchange_drop_body(x);
+                return;
         }
         memcpy(x->body + x->body_size, data, size);
         x->body_size += size;
@@ -343,6 +396,9 @@ void exchange_respond(Exchange *x, unsigned status, char *body, size_t size) {
                                                                  size > 0 ? g_free : NULL);
         if (size == 0)
                 g_free(body);
+        /* Held until it went out, whatever the budget says: it is accepted work. */
+        budget_take(x->front->budget, size);
+        x->answer_counted += size;
         x->bytes_out = size;
         exchange_set_response(x, status, resp);
 }
@@ -356,6 +412,8 @@ static ssize_t exchange_stream_reader(void *cls, uint64_t pos, char *out, size_t
 
         avail = x->buf_size - x->buf_head;
         if (avail == 0) {
+                if (x->stream_broken)
+                        return MHD_CONTENT_READER_END_WITH_ERROR;
                 if (x->stream_ended)
                         return x->stream_error ? MHD_CONTENT_READER_END_WITH_ERROR : MHD_CONTENT_READER_END_OF_STREAM;
                 exchange_suspend(x);
@@ -382,7 +440,7 @@ static ssize_t exchange_stream_reader(void *cls, uint64_t pos, char *out, size_t
 static void exchange_make_stream_response(Exchange *x) {
         struct MHD_Response *resp;
 
-        if (x->stream_ended && !x->stream_error) {
+        if (x->stream_ended && !x->stream_error && !x->stream_broken) {
                 size_t size = x->buf_size - x->buf_head;
                 if (x->buf_head > 0)
                         memmove(x->buf, x->buf + x->buf_head, size);
@@ -411,7 +469,7 @@ void exchange_stream_begin(Exchange *x, unsigned status) {
 void exchange_stream_write(Exchange *x, const char *data, size_t size) {
         g_assert(x->stream && !x->stream_ended);
 
-        if (x->client_gone || size == 0)
+        if (x->client_gone || x->stream_broken || size == 0)
                 return;
         if (x->buf_size + size > x->buf_alloc) {
                 if (x->buf_head > 0) {
@@ -421,8 +479,23 @@ void exchange_stream_write(Exchange *x, const char *data, size_t size) {
                         x->buf_head = 0;
                 }
                 if (x->buf_size + size > x->buf_alloc) {
-                        x->buf_alloc = MAX(MAX(x->buf_alloc * 2, x->buf_size + size), (size_t) 1024);
-                        x->buf = g_realloc(x->buf, x->buf_alloc);
+                        size_t want = MAX(MAX(x->buf_alloc * 2, x->buf_size + size), (size_t) 1024);
+                        char *p = g_try_realloc(x->buf, want);
+
+                        if (!p) {
+                                /* What went out so far stays good; the stream ends with an error. */
+                                log_warning("No memory for %zu bytes of the answer to %s '%s', ending it", want,
+                                            x->method, x->url);
+                                x->stream_broken = true;
+                                exchange_wake(x);
+                                return;
+                        }
+                        /* Accepted work: counted whatever the budget says. A stream's buffer is
+                         * bounded by back-pressure (StreamBufferSize= and one event). */
+                        budget_take(x->front->budget, want - x->buf_alloc);
+                        x->answer_counted += want - x->buf_alloc;
+                        x->buf = p;
+                        x->buf_alloc = want;
                 }
         }
         memcpy(x->buf + x->buf_size, data, size);
@@ -431,7 +504,7 @@ void exchange_stream_write(Exchange *x, const char *data, size_t size) {
 }
 
 bool exchange_stream_full(Exchange *x) {
-        if (x->buf_size - x->buf_head <= x->front->stream_buffer_size)
+        if (x->buf_size - x->buf_head <= x->front->stream_buffer_size && !x->stream_broken)
                 return false;
         x->want_writable = true;
         return true;
@@ -490,6 +563,7 @@ static void exchange_free(Exchange *x) {
         f->n_exchanges--;
         if (x->headers)
                 g_string_free(x->headers, TRUE);
+        budget_give(f->budget, x->body_counted + x->answer_counted);
         g_free(x->body);
         g_free(x->buf);
         g_free(x);
@@ -531,7 +605,7 @@ static enum MHD_Result front_on_request(void *cls, struct MHD_Connection *connec
                  * libmicrohttpd 0.9 refuses a response queued while the upload is still coming
                  * (MHD_queue_response() fails and the client sees a reset, not a 413). Dropping
                  * is bounded too: a client that keeps sending far past the limit is cut off. */
-                if (x->body_too_large && x->body_received > 4 * x->body_limit + 1024 * 1024)
+                if ((x->body_too_large || x->body_no_room) && x->body_received > 4 * x->body_limit + 1024 * 1024)
                         return MHD_NO;
                 return MHD_YES;
         }
@@ -583,6 +657,10 @@ int exchange_front_new(sd_event *event, const ExchangeFrontSetup *setup, Exchang
         f->max_body_size = setup->max_body_size;
         f->stream_buffer_size = setup->stream_buffer_size;
 
+        r = budget_new(event, setup->max_buffered_size, &f->budget);
+        if (r < 0)
+                return log_error_errno(r, "Failed to set up the buffer budget: %m");
+
         r = sd_event_add_time(event, &f->hup_sweep, CLOCK_MONOTONIC, USEC_INFINITY, 50 * USEC_PER_MSEC,
                               front_on_hup_sweep, f);
         if (r < 0)
@@ -606,6 +684,7 @@ ExchangeFront *exchange_front_free(ExchangeFront *f) {
                 return NULL;
         /* Stopping MHD completes every exchange still open. */
         http_server_free(f->http);
+        budget_free(f->budget);
         sd_event_source_disable_unref(f->hup_sweep);
         sd_event_unref(f->event);
         g_free(f);
@@ -633,7 +712,13 @@ char *exchange_front_describe(const ExchangeFront *f) {
         return http_server_describe(f->http);
 }
 
-void exchange_front_set_limits(ExchangeFront *f, uint64_t max_body_size, size_t stream_buffer_size) {
+void exchange_front_set_limits(ExchangeFront *f, uint64_t max_body_size, size_t stream_buffer_size,
+                               uint64_t max_buffered_size) {
         f->max_body_size = max_body_size;
         f->stream_buffer_size = stream_buffer_size;
+        budget_set_limit(f->budget, max_buffered_size);
+}
+
+Budget *exchange_front_budget(const ExchangeFront *f) {
+        return f->budget;
 }

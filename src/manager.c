@@ -67,7 +67,8 @@ static void manager_publish(Manager *m) {
         w->router = m->router;
         w->stopping = m->stopping;
         if (w->front)
-                exchange_front_set_limits(w->front, m->config->max_body_size, (size_t) m->config->stream_buffer_size);
+                exchange_front_set_limits(w->front, m->config->max_body_size, (size_t) m->config->stream_buffer_size,
+                                          m->config->max_buffered_size);
 }
 
 static int manager_load_config(Manager *m, Config **ret, char **ret_error) {
@@ -360,6 +361,7 @@ int manager_start(Manager *m) {
                 },
                 .max_body_size = m->config->max_body_size,
                 .stream_buffer_size = (size_t) m->config->stream_buffer_size,
+                .max_buffered_size = m->config->max_buffered_size,
                 .start = dispatch_start,
                 .ops = &dispatch_ops,
                 .userdata = &m->worker,

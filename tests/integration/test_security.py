@@ -410,5 +410,225 @@ class EchoTest(SecurityCase):
         self.assert_still_serves(router)
 
 
+# --- 5. memory sized by clients and providers ------------------------------------------------------
+
+class EndlessProvider(threading.Thread):
+    """Answers every request with 200, application/json and a body that never ends (64 KiB writes
+    until the reader goes away, or 60 s); the first answer only once `together` requests are in
+    (or after 10 s)."""
+
+    def __init__(self, together=1):
+        super().__init__(daemon=True)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind((LOOPBACK, 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.stopping = False
+        self.requests = 0
+        self.together = together
+        self.all_in = threading.Event()
+        self.threads = []
+        self.start()
+
+    @property
+    def base_url(self):
+        return "http://%s:%d/v1" % (LOOPBACK, self.port)
+
+    def run(self):
+        while not self.stopping:
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            t = threading.Thread(target=self.serve, args=(conn,), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def serve(self, conn):
+        conn.settimeout(10)
+        deadline = time.monotonic() + 60
+        try:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                buf += conn.recv(65536)
+            head, body = buf.split(b"\r\n\r\n", 1)
+            n = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    n = int(line.split(b":")[1])
+            while len(body) < n:
+                body += conn.recv(65536)
+            self.requests += 1
+            if self.requests >= self.together:
+                self.all_in.set()
+            self.all_in.wait(10)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n")
+            block = b"x" * 65536
+            while not self.stopping and time.monotonic() < deadline:
+                conn.sendall(block)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self):
+        self.stopping = True
+        self.sock.close()
+        self.join(5)
+        for t in self.threads:
+            t.join(15)
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, router, interval=0.02):
+        super().__init__(daemon=True)
+        self.router = router
+        self.interval = interval
+        self.peak = 0
+        self.stopping = False
+        self.start()
+
+    def run(self):
+        while not self.stopping:
+            try:
+                self.peak = max(self.peak, self.router.rss_kib())
+            except (OSError, AssertionError):
+                return
+            time.sleep(self.interval)
+
+    def stop(self):
+        self.stopping = True
+        self.join(5)
+        return self.peak
+
+
+class MemoryTest(SecurityCase):
+    MIB = 1024 * 1024
+
+    def assert_busy(self, status_headers_body):
+        err = self.assert_raw_error(status_headers_body, 503, "overloaded_error", "MaxBufferedSize=")
+        self.assertTrue(status_headers_body[1].get("retry-after"), status_headers_body)
+        return err
+
+    def test_slow_large_bodies_bounded(self):
+        """200 connections announce 8 MiB bodies and send them slowly: once 1.66 GB. Those past
+        MaxBufferedSize= get 503 before a byte of their body is read; the others are served."""
+        budget = 64
+        router = self.router_with_mock(keys={"MaxBufferedSize": "%dM" % budget})
+        baseline = router.rss_kib()
+        text = "a " * ((8 * self.MIB - 200) // 2)
+        body = json.dumps(chat_body(text, model="echo")).encode()
+        self.assertLess(len(body), 8 * self.MIB)
+        head = head_bytes("POST", "/v1/chat/completions", [
+            ("Host", "127.0.0.1:%d" % router.port), ("Content-Type", "application/json"),
+            ("X-Provider", "echo"), ("Content-Length", str(len(body)))])
+        sampler = RssSampler(router)
+        socks = []
+        try:
+            for i in range(200):
+                c = socket.create_connection((LOOPBACK, router.port), timeout=30 * SLOW)
+                c.sendall(head)
+                socks.append(c)
+            # Who was refused answers at once; the others wait for their bodies.
+            time.sleep(1.0 * SLOW)
+            refused, admitted = [], []
+            for c in socks:
+                c.setblocking(False)
+                try:
+                    data = c.recv(65536)
+                except BlockingIOError:
+                    admitted.append(c)
+                    continue
+                refused.append((c, data))
+            # The admitted ones send their bodies slowly: 512 KiB each, in turn.
+            sent = {id(c): 0 for c in admitted}
+            step = 512 * 1024
+            while any(sent[id(c)] < len(body) for c in admitted):
+                for c in admitted:
+                    k = sent[id(c)]
+                    if k < len(body):
+                        c.setblocking(True)
+                        c.sendall(body[k:k + step])
+                        sent[id(c)] = k + step
+                time.sleep(0.02)
+            answers = []
+            for c in admitted:
+                c.setblocking(True)
+                c.settimeout(60 * SLOW)
+                buf = b""
+                while b"\r\n\r\n" not in buf:
+                    chunk = c.recv(65536)
+                    if not chunk:
+                        break
+                    buf += chunk
+                answers.append(buf)
+        finally:
+            peak = sampler.stop()
+            for c in socks:
+                c.close()
+
+        print("\n    200 x 8 MiB announced, MaxBufferedSize=%dM: %d admitted, %d refused, RSS %d -> peak %d KiB"
+              % (budget, len(admitted), len(refused), baseline, peak), file=sys.stderr)
+        # The budget takes 7 of them (64 MiB / 8 MiB, less what else is held), the rest is refused.
+        self.assertGreaterEqual(len(admitted), 1)
+        self.assertLessEqual(len(admitted), budget // 8)
+        self.assertEqual(len(admitted) + len(refused), 200)
+        for c, data in refused:
+            status, headers, rest = data.split(b"\r\n", 1)[0], None, None
+            h, b = data.split(b"\r\n\r\n", 1)
+            lines = h.decode().split("\r\n")
+            headers = {k.strip().lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:])}
+            self.assert_busy((int(lines[0].split()[1]), headers, b))
+        # Nothing accepted is lost: every admitted body was answered in full.
+        for a in answers:
+            self.assertTrue(a.startswith(b"HTTP/1.1 200"), a[:200])
+        self.assertLess(peak - baseline, (budget + 48) * 1024, "RSS grew from %d to %d KiB" % (baseline, peak))
+        self.assert_still_serves(router)
+
+    def test_endless_answers_bounded(self):
+        """20 providers' answers that never end (not SSE): once 781 MB. They pause at the budget
+        until their own timeout; new work is refused with 503 meanwhile; then all is served."""
+        budget = 32
+        endless = EndlessProvider(together=20)
+        self.addCleanup(endless.close)
+        router = self.router_with_mock(
+            keys={"MaxBufferedSize": "%dM" % budget},
+            providers={"endless": {"BaseURL": endless.base_url, "RequestTimeoutSec": "4"}})
+        baseline = router.rss_kib()
+        sampler = RssSampler(router)
+        results = [None] * 20
+
+        def one(i):
+            results[i] = router.chat(chat_body("never ending"), headers={"X-Provider": "endless"}, timeout=60)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+        for t in threads:
+            t.start()
+        endless.all_in.wait(10 * SLOW)
+        # The answers fill the budget within a moment.
+        time.sleep(1.0)
+        busy = router.chat(chat_body("and me?"), headers={"X-Provider": "alpha"})
+        for t in threads:
+            t.join(60 * SLOW)
+        peak = sampler.stop()
+        print("\n    20 endless answers, MaxBufferedSize=%dM: RSS %d -> peak %d KiB" % (budget, baseline, peak),
+              file=sys.stderr)
+
+        self.assertEqual(endless.requests, 20)
+        self.assertEqual(busy.status, 503, busy)
+        self.assert_busy((busy.status, {k.lower(): v for k, v in busy.headers.items()}, busy.body))
+        self.assertEqual(self.alpha.stats()["chat"], 0)
+        # Each accepted request got its answer: the provider's own timeout, as always.
+        for r in results:
+            self.assert_error(r, 504, "timeout_error", "endless", provider="endless")
+        # The budget, and what the allocator keeps of buffers that grew and moved.
+        self.assertLess(peak - baseline, (2 * budget + 32) * 1024, "RSS grew from %d to %d KiB" % (baseline, peak))
+        self.assert_still_serves(router)
+        self.assert_still_serves(router, self.alpha)
+
+
 if __name__ == "__main__":
     main()

@@ -1075,6 +1075,24 @@ START_TEST(test_safe_defaults) {
 
         ck_assert_ptr_null(c->cors_allow_origin);
         ck_assert_ptr_null(c->allowed_hosts);
+        ck_assert_uint_eq(c->max_buffered_size, 256 * 1024 * 1024);
+}
+END_TEST
+
+START_TEST(test_max_buffered_size) {
+        g_autofree char *path = write_conf("a.conf", "[Router]\nMaxBufferedSize=1G\n");
+        g_autofree char *small = write_conf("b.conf", "[Router]\nMaxBufferedSize=4M\n");
+        g_autofree char *bad = write_conf("c.conf", "[Router]\nMaxBufferedSize=1K\n");
+        ConfigSources src = { .path = path }, src_small = { .path = small }, src_bad = { .path = bad };
+        g_autoptr(Config) c = load_ok(&src, NULL);
+        g_autoptr(GPtrArray) warnings = NULL;
+        g_autoptr(Config) c2 = load_ok(&src_small, &warnings);
+        g_autoptr(GPtrArray) errors = load_fail(&src_bad);
+
+        ck_assert_uint_eq(c->max_buffered_size, 1024 * 1024 * 1024);
+        ck_assert_uint_eq(c2->max_buffered_size, 4 * 1024 * 1024);
+        assert_message(warnings, "MaxBufferedSize=4194304 is smaller than MaxBodySize=8388608");
+        assert_message(errors, "MaxBufferedSize='1K' is not a size");
 }
 END_TEST
 
@@ -1200,6 +1218,7 @@ static Suite *config_suite(void) {
         tcase_add_test(tc, test_allowed_hosts);
         tcase_add_test(tc, test_allowed_hosts_invalid);
         tcase_add_test(tc, test_client_authorization);
+        tcase_add_test(tc, test_max_buffered_size);
         suite_add_tcase(s, tc);
 
         return s;
