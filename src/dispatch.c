@@ -292,7 +292,9 @@ void *dispatch_start(Exchange *x, void *userdata) {
 
         rt = route_find(exchange_path(x));
         r->record.api = !rt || !rt->quiet;
-        if (!(rt && rt->open) && !request_authorized(r)) {
+        /* Open routes are served either way, but show less to a caller without a token. */
+        r->authorized = request_authorized(r);
+        if (!(rt && rt->open) && !r->authorized) {
                 respond_unauthorized(r);
                 return r;
         }

@@ -38,6 +38,7 @@ struct Request {
         const Handler *handler;
         void *data;                   /* the handler's own state */
         RequestProducer producer;     /* set: it, not the handler, hears writable() */
+        bool authorized;              /* passed the client token check (or none is configured) */
         ProviderSet *providers;       /* ref: providers stay valid until the request ends */
         RequestRecord record;
         const char *subpath;          /* the part of the path after the route's prefix */

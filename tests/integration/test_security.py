@@ -630,5 +630,71 @@ class MemoryTest(SecurityCase):
         self.assert_still_serves(router, self.alpha)
 
 
+# --- 7. what /health shows --------------------------------------------------------------------------
+
+class HealthTest(SecurityCase):
+    TOKEN = "health-test-client-token"
+
+    def start(self, tokens=False):
+        self.alpha = self.start_mock("alpha")
+        url = self.alpha.base_url.replace("http://", "http://someone:pa55word@")
+        keys = {"FailureThreshold": "1", "CooldownSec": "300"}
+        if tokens:
+            d = self.router_dir = os.path.join(os.environ.get("TMPDIR", "/tmp"), "pr-tokens-%d" % os.getpid())
+            os.makedirs(d, exist_ok=True)
+            self.addCleanup(shutil.rmtree, d, True)
+            path = os.path.join(d, "tokens")
+            with open(path, "w") as f:
+                f.write(self.TOKEN + "\n")
+            os.chmod(path, 0o600)
+            keys["ClientTokensFile"] = path
+        router = self.start_router(lambda port: router_config(port, {
+            "alpha": url, "gone": "http://user:gone-secret@127.0.0.1:1/v1"}, default="alpha", router=keys))
+        # gone fails once and is marked down, with its error.
+        auth = {"Authorization": "Bearer " + self.TOKEN} if tokens else {}
+        r = router.chat(chat_body(), headers=dict(auth, **{"X-Provider": "gone"}))
+        self.assert_error(r, 502, "connection_error", provider="gone")
+        return router, auth
+
+    def test_health_never_shows_userinfo(self):
+        router, _ = self.start()
+        r = router.request("GET", "/health")
+        self.assertEqual(r.status, 200, r)
+        self.assertNotIn(b"pa55word", r.body)
+        self.assertNotIn(b"someone", r.body)
+        self.assertNotIn(b"gone-secret", r.body)
+        doc = r.json()
+        self.assertEqual(doc["providers"]["alpha"]["base_url"], self.alpha.base_url)
+        self.assertEqual(doc["providers"]["gone"]["base_url"], "http://127.0.0.1:1/v1")
+        # Without client tokens, errors are shown as before.
+        self.assertEqual(doc["providers"]["gone"]["state"], "down")
+        self.assertIn("last_error", doc["providers"]["gone"])
+        self.assert_still_serves(router)
+
+    def test_health_details_need_a_token(self):
+        router, auth = self.start(tokens=True)
+        r = router.request("GET", "/health")
+        self.assertEqual(r.status, 200, r)
+        doc = r.json()
+        gone = doc["providers"]["gone"]
+        self.assertEqual(gone["state"], "down", doc)
+        self.assertNotIn("last_error", gone)
+        self.assertNotIn("base_url", gone)
+        self.assertNotIn("base_url", doc["providers"]["alpha"])
+        self.assertNotIn(b"127.0.0.1:1", r.body)
+        # A wrong token is no token.
+        r = router.request("GET", "/health", headers={"Authorization": "Bearer wrong"})
+        self.assertNotIn("last_error", r.json()["providers"]["gone"])
+        # With the token: where, and why, but still no user name or password.
+        r = router.request("GET", "/health", headers=auth)
+        gone = r.json()["providers"]["gone"]
+        self.assertIn("last_error", gone)
+        self.assertEqual(gone["base_url"], "http://127.0.0.1:1/v1")
+        self.assertNotIn(b"gone-secret", r.body)
+        self.assertNotIn(b"pa55word", r.body)
+        r = router.chat(chat_body("still there?"), headers=dict(auth, **{"X-Provider": "alpha"}))
+        self.assertEqual(r.status, 200, r)
+
+
 if __name__ == "__main__":
     main()
