@@ -226,6 +226,68 @@ static bool check_host(Request *r) {
         return false;
 }
 
+typedef struct Framing {
+        unsigned content_lengths;
+        const char *content_length;   /* the first */
+        bool content_lengths_differ;
+        unsigned transfer_encodings;
+        const char *transfer_encoding;
+} Framing;
+
+static bool framing_header(const char *name, const char *value, void *userdata) {
+        Framing *f = userdata;
+
+        if (strcaseeq(name, "Content-Length")) {
+                if (f->content_lengths++ == 0)
+                        f->content_length = value;
+                else if (!streq(value, f->content_length))
+                        f->content_lengths_differ = true;
+        } else if (strcaseeq(name, "Transfer-Encoding")) {
+                if (f->transfer_encodings++ == 0)
+                        f->transfer_encoding = value;
+        }
+        return true;
+}
+
+static bool refuse_framing(Request *r, unsigned status, const char *message) {
+        r->worker->stats.rejected++;
+        /* What follows on this connection cannot be told apart from this request's body. */
+        exchange_close_after(r->exchange);
+        request_respond_error(r, status, "invalid_request_error", NULL, "%s", message);
+        return false;
+}
+
+/* Request smuggling: where a request ends must not be in doubt, or a proxy in front of us and we
+ * would see different requests in the same bytes (RFC 9112 §6.3). libmicrohttpd 0.9.75 serves
+ * all of these, so they are refused here, and the connection closed after the answer. Also
+ * bytes that would cut what we read short: a NUL in a header (a bearer token read up to it), a
+ * "%00" in the path. */
+static bool check_framing(Request *r) {
+        Exchange *x = r->exchange;
+        Framing f = {};
+
+        if (exchange_headers_have_nul(x))
+                return refuse_framing(r, 400, "The request contains a NUL byte in a header or in its path.");
+        if (strstr(exchange_path(x), "%00"))
+                return refuse_framing(r, 400, "The path contains an encoded NUL byte ('%00').");
+
+        exchange_foreach_header(x, framing_header, &f);
+        if (f.content_lengths_differ)
+                return refuse_framing(r, 400, "The request has Content-Length headers that differ.");
+        if (f.transfer_encodings == 0)
+                return true;
+        if (f.content_lengths > 0)
+                return refuse_framing(r, 400, "The request has both Content-Length and Transfer-Encoding.");
+        if (f.transfer_encodings > 1 || !strcaseeq(f.transfer_encoding, "chunked")) {
+                /* RFC 9112 §6.1: an unknown coding is 501; chunked is the only one we read. */
+                g_autofree char *shown = text_for_message(f.transfer_encoding);
+                g_autofree char *message = g_strdup_printf("Transfer-Encoding '%s' is not supported: only 'chunked' is.",
+                                                           shown);
+                return refuse_framing(r, 501, message);
+        }
+        return true;
+}
+
 /* "application/json", in any case, optionally with parameters ("; charset=utf-8"). */
 static bool content_type_is_json(const char *ct) {
         static const char json[] = "application/json";
@@ -283,7 +345,7 @@ void *dispatch_start(Exchange *x, void *userdata) {
 
         w->stats.http_requests++;
 
-        if (!check_host(r))
+        if (!check_framing(r) || !check_host(r))
                 return r;
         if (streq(method, "OPTIONS")) {
                 respond_preflight(r);

@@ -59,6 +59,7 @@ struct Exchange {
         bool client_gone;
         bool peer_shut_write;      /* the client finished sending (it may still be reading) */
         bool hup_off;              /* the watcher was turned off while MHD was writing */
+        bool close_after;          /* "Connection: close" on the answer */
         sd_event_source *hup;
         usec_t parked_at;          /* CLOCK_MONOTONIC, when last suspended without a watcher */
 
@@ -116,6 +117,80 @@ void exchange_foreach_header(const Exchange *x, bool (*func)(const char *name, c
                              void *userdata) {
         HeaderIter it = { .func = func, .userdata = userdata };
         (void) MHD_get_connection_values(x->connection, MHD_HEADER_KIND, header_iter, &it);
+}
+
+typedef struct HeadFields {
+        const char *keys[256];
+        const char *values[256];
+        size_t n;
+        bool too_many;
+} HeadFields;
+
+static enum MHD_Result head_field(void *cls, enum MHD_ValueKind kind, const char *key, const char *value) {
+        HeadFields *f = cls;
+
+        if (f->n >= ELEMENTSOF(f->keys)) {
+                f->too_many = true;
+                return MHD_NO;
+        }
+        f->keys[f->n] = key;
+        f->values[f->n] = strempty(value);
+        f->n++;
+        return MHD_YES;
+}
+
+static enum MHD_Result count_value(void *cls, enum MHD_ValueKind kind, const char *key, const char *value) {
+        (*(size_t *) cls)++;
+        return MHD_YES;
+}
+
+/* Whether [from, to) holds anything but the whitespace and terminators around a value. */
+static bool cut_text_between(const char *from, const char *to) {
+        for (const char *p = from; p < to; p++)
+                if (*p != 0 && *p != ' ' && *p != '\t' && *p != '\r' && *p != '\n')
+                        return true;
+        return false;
+}
+
+/* libmicrohttpd 0.9.75 ends a header value (and the path) at a NUL byte and reports the length up
+ * to it, so MHD_get_connection_values_n() cannot tell. What was cut off stays in its read buffer,
+ * which holds the request's head in order: MHD_CONNECTION_INFO_REQUEST_HEADER_SIZE bytes from the
+ * method on, each name and value pointing into it. So anything but whitespace between the end of a
+ * value and the next name (or the end of the head) was cut off by a NUL. When the head is not laid
+ * out like that (another libmicrohttpd), there is no verdict. */
+bool exchange_headers_have_nul(const Exchange *x) {
+        const union MHD_ConnectionInfo *ci;
+        const char *start = x->method, *end;
+        HeadFields f = {};
+        size_t n_args = 0;
+
+        ci = MHD_get_connection_info(x->connection, MHD_CONNECTION_INFO_REQUEST_HEADER_SIZE);
+        if (!ci || !start || ci->header_size == 0)
+                return false;
+        end = start + ci->header_size;
+
+        (void) MHD_get_connection_values(x->connection, MHD_HEADER_KIND, head_field, &f);
+        if (f.too_many)
+                return false;
+        for (size_t i = 0; i < f.n; i++) {
+                const char *from = f.values[i] + strlen(f.values[i]);
+                const char *to = i + 1 < f.n ? f.keys[i + 1] : end;
+
+                if (f.keys[i] < start || from > end || to < from || to > end)
+                        return false;
+                if (cut_text_between(from + 1, to))
+                        return true;
+        }
+
+        /* The path: with no query its end is followed by the version only. (With a query, '?',
+         * '&' and '=' became NULs as well, and "%00" is what is checked.) */
+        (void) MHD_get_connection_values(x->connection, MHD_GET_ARGUMENT_KIND, count_value, &n_args);
+        if (n_args == 0 && x->url && x->version && x->url > start && x->version < end && x->version > x->url) {
+                const char *from = x->url + strlen(x->url);
+                if (from < x->version && cut_text_between(from + 1, x->version))
+                        return true;
+        }
+        return false;
 }
 
 usec_t exchange_start_time(const Exchange *x) {
@@ -352,6 +427,10 @@ static void exchange_suspend(Exchange *x) {
 
 /* ---- answers ----------------------------------------------------------------------------- */
 
+void exchange_close_after(Exchange *x) {
+        x->close_after = true;
+}
+
 void exchange_add_header(Exchange *x, const char *name, const char *value) {
         if (!x->headers)
                 x->headers = g_string_sized_new(256);
@@ -369,7 +448,7 @@ static void exchange_apply_headers(Exchange *x, struct MHD_Response *resp) {
                 }
                 g_string_free(g_steal_pointer(&x->headers), TRUE);
         }
-        if (x->front->quiesced)
+        if (x->front->quiesced || x->close_after)
                 (void) MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
 }
 

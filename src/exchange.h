@@ -69,6 +69,9 @@ const char *exchange_header(const Exchange *x, const char *name);
 /* Calls func for each request header, in order; stops when it returns false. */
 void exchange_foreach_header(const Exchange *x, bool (*func)(const char *name, const char *value, void *userdata),
                              void *userdata);
+/* A NUL byte in a header's value or in the path, which cut it short (the strings above end at
+ * it). */
+bool exchange_headers_have_nul(const Exchange *x);
 /* CLOCK_MONOTONIC, when the head was in. */
 usec_t exchange_start_time(const Exchange *x);
 /* The loop's current time, without a clock read. */
@@ -79,6 +82,8 @@ bool exchange_body_too_large(const Exchange *x);
 /* The body did not fit into the budget: refused when announced, dropped when it grew. */
 bool exchange_body_no_room(const Exchange *x);
 
+/* The connection is closed after the answer (the request's framing cannot be trusted). */
+void exchange_close_after(Exchange *x);
 /* Adds a header to the next answer (copied). */
 void exchange_add_header(Exchange *x, const char *name, const char *value);
 /* Answers whole; takes body (freed with g_free; NULL with size 0 for none). */

@@ -252,6 +252,13 @@ static char *socket_address(int fd) {
         return ss.ss_family == AF_INET6 ? g_strdup_printf("[%s]:%s", host, serv) : g_strdup_printf("%s:%s", host, serv);
 }
 
+/* The request path is kept as the client sent it, escapes and all: a "%00" decoded would cut
+ * the path short (and the front door refuses it), "%2F" would make another path of it, and a
+ * proxy forwards paths as they came anyway. */
+static size_t mhd_unescape_nothing(void *cls, struct MHD_Connection *c, char *s) {
+        return strlen(s);
+}
+
 static bool socket_is_loopback(int fd) {
         struct sockaddr_storage ss;
         socklen_t len = sizeof(ss);
@@ -289,6 +296,7 @@ static int listener_start(HttpServer *s, const HttpServerSettings *st, int fd, b
                                      MHD_OPTION_CONNECTION_MEMORY_LIMIT, st->connection_memory_limit,
                                      MHD_OPTION_NOTIFY_COMPLETED, http_server_on_completed, s,
                                      MHD_OPTION_NOTIFY_CONNECTION, mhd_notify_connection, s,
+                                     MHD_OPTION_UNESCAPE_CALLBACK, mhd_unescape_nothing, NULL,
                                      MHD_OPTION_END);
         if (!l->daemon) {
                 log_debug("MHD_start_daemon() failed for %s", l->address);

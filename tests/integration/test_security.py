@@ -696,5 +696,100 @@ class HealthTest(SecurityCase):
         self.assertEqual(r.status, 200, r)
 
 
+# --- 8. request smuggling shapes --------------------------------------------------------------------
+
+class SmugglingTest(SecurityCase):
+
+    def setUp(self):
+        self.router = self.router_with_mock()
+        self.host = ("Host", "127.0.0.1:%d" % self.router.port)
+        self.body = json.dumps(chat_body("smuggled?", model="m")).encode()
+        # What a front proxy would take for the next request, hidden in the body.
+        self.hidden = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n" % len(self.body) + self.body)
+
+    def refused(self, data, status, message_part):
+        """One raw request: answered with status at once, the connection closed after it, and
+        nothing more answered (no second request read from the same bytes)."""
+        started = time.monotonic()
+        res = raw_request(self.router.port, data)
+        self.assertLess(time.monotonic() - started, 5 * SLOW, "not answered at once")
+        self.assert_raw_error(res, status, "invalid_request_error", message_part)
+        self.assertEqual(res[1].get("connection"), "close", res)
+        self.assertTrue(res[3], "the connection stayed open: %r" % (res,))
+        self.assertNotIn(b"HTTP/1.1", res[4], "a second answer followed: %r" % (res,))
+        return res
+
+    def post(self, headers, body):
+        return head_bytes("POST", "/v1/chat/completions",
+                          [self.host, ("Content-Type", "application/json")] + headers, body)
+
+    def test_two_content_lengths(self):
+        self.refused(self.post([("Content-Length", str(len(self.body))), ("Content-Length", "5")],
+                               self.body + self.hidden), 400, "Content-Length headers that differ")
+        self.assertEqual(self.alpha.stats()["chat"], 0)
+        self.assert_still_serves(self.router)
+
+    def test_content_length_and_chunked(self):
+        chunked = b"%x\r\n" % len(self.body) + self.body + b"\r\n0\r\n\r\n"
+        for te in ("chunked", "Chunked"):
+            with self.subTest(te=te):
+                self.refused(self.post([("Content-Length", str(len(chunked))), ("Transfer-Encoding", te)],
+                                       chunked + self.hidden), 400, "both Content-Length and Transfer-Encoding")
+        self.assertEqual(self.alpha.stats()["chat"], 0)
+        self.assert_still_serves(self.router)
+
+    def test_transfer_encodings_not_supported(self):
+        for te in ("identity", "gzip", "x-unknown", "gzip, chunked", "chunked, identity"):
+            with self.subTest(te=te):
+                res = self.refused(self.post([("Transfer-Encoding", te)], self.body), 501, "only 'chunked'")
+                self.assertIn("'%s'" % te, json.loads(res[2])["error"]["message"])
+        # Two Transfer-Encoding headers are one list: refused as well.
+        self.refused(self.post([("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "identity")], self.body),
+                     501, "only 'chunked'")
+        self.assertEqual(self.alpha.stats()["chat"], 0)
+        # Plain chunked is fine.
+        chunked = b"%x\r\n" % len(self.body) + self.body + b"\r\n0\r\n\r\n"
+        status, headers, body, _, _ = raw_request(self.router.port, self.post([("Transfer-Encoding", "chunked")], chunked))
+        self.assertEqual(status, 200, body)
+        self.assertEqual(json.loads(body)["choices"][0]["message"]["content"], "alpha: smuggled?")
+        # So are two equal Content-Lengths.
+        status, _, body, _, _ = raw_request(self.router.port, self.post(
+            [("Content-Length", str(len(self.body))), ("Content-Length", str(len(self.body)))], self.body))
+        self.assertEqual(status, 200, body)
+        self.assert_still_serves(self.router)
+
+    def test_nul_in_path(self):
+        for path in ("/health%00/x", "/v1/chat/completions%00.json", "/v1/chat/completions%00"):
+            with self.subTest(path=path):
+                data = head_bytes("POST", path, [self.host, ("Content-Type", "application/json"),
+                                                 ("Content-Length", str(len(self.body)))], self.body)
+                self.refused(data, 400, "encoded NUL")
+        self.refused(b"GET /v1/chat/completions\x00/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400, "NUL byte")
+        self.refused(b"GET /health\x00x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400, "NUL byte")
+        self.assertEqual(self.alpha.stats()["chat"], 0)
+        # The path is taken as sent: escapes are not decoded into another path.
+        status, _, body, _, _ = raw_request(self.router.port, head_bytes("GET", "/%68ealth", [self.host]))
+        self.assertEqual(status, 404, body)
+        status, _, body, _, _ = raw_request(self.router.port, head_bytes("GET", "/health?x=%00", [self.host]))
+        self.assertEqual(status, 200, body)
+        self.assert_still_serves(self.router)
+
+    def test_nul_in_header_value(self):
+        for name, value in (("Authorization", b"Bearer sk-abc\x00def"), ("X-Provider", b"alpha\x00beta"),
+                            ("Content-Type", b"application/json\x00; x")):
+            with self.subTest(name=name):
+                data = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n" +
+                        (b"Content-Type: application/json\r\n" if name != "Content-Type" else b"") +
+                        name.encode() + b": " + value + b"\r\nContent-Length: %d\r\n\r\n" % len(self.body) + self.body)
+                self.refused(data, 400, "NUL byte")
+        self.assertEqual(self.alpha.stats()["chat"], 0)
+        # Whitespace around values, tabs, bare LF line ends, a query: all fine.
+        status, _, body, _, _ = raw_request(self.router.port, b"GET /health?a=1&b HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                                               b"X-Sp:   v  \r\nX-Tab:\tv\nX-Empty:\r\n\r\n")
+        self.assertEqual(status, 200, body)
+        self.assert_still_serves(self.router)
+
+
 if __name__ == "__main__":
     main()
