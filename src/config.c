@@ -157,6 +157,7 @@ static Config *config_new_empty(void) {
         c->max_header_size = 32 * 1024;
         c->stream_buffer_size = 16 * 1024;
         c->max_buffered_size = 256 * 1024 * 1024;
+        c->max_routes = 10000;
         c->max_connections = 4096;
         c->cors_allow_origin = NULL; /* a web page may use the router only when told so */
         c->failure_threshold = 3;
@@ -549,7 +550,10 @@ static void parse_router_group(Parser *p, GKeyFile *kf) {
                         set_size(p, group, key, &c->max_header_size, v, 4096, 1024 * 1024);
                 else if (streq(key, "StreamBufferSize"))
                         set_size(p, group, key, &c->stream_buffer_size, v, 4096, 64ULL * 1024 * 1024);
-                else if (streq(key, "MaxBufferedSize"))
+                else if (streq(key, "MaxRoutes")) {
+                        if (parse_unsigned(v, 1, 10000000, &c->max_routes) < 0)
+                                parser_error(p, "%s: [Router] MaxRoutes='%s' must be between 1 and 10000000", p->source, v);
+                } else if (streq(key, "MaxBufferedSize"))
                         set_size(p, group, key, &c->max_buffered_size, v, 1024 * 1024, 1024ULL * 1024 * 1024 * 1024);
                 else if (streq(key, "MaxConnections")) {
                         if (parse_unsigned(v, 1, 1000000, &c->max_connections) < 0)
@@ -1085,6 +1089,9 @@ static void validate(Parser *p, const ConfigSources *src) {
                 resolve_secret(p, pc, src, streq(pc->name, strempty(c->default_provider)));
         }
 
+        if (c->mapping_order->len > c->max_routes)
+                parser_error(p, "%u model mappings are configured, more than MaxRoutes=%u", c->mapping_order->len,
+                             c->max_routes);
         for (guint i = 0; i < c->mapping_order->len; i++) {
                 const char *model = c->mapping_order->pdata[i];
                 const char *provider = g_hash_table_lookup(c->mappings, model);

@@ -82,6 +82,7 @@ typedef struct Config {
         uint64_t max_header_size;
         uint64_t stream_buffer_size;
         uint64_t max_buffered_size; /* one budget for every buffered body and answer */
+        unsigned max_routes;       /* model mappings and splits, at most */
         unsigned max_connections;
         char *cors_allow_origin;   /* "*" or origins separated by spaces; NULL: no CORS headers */
         char **allowed_hosts;      /* Host: names accepted besides loopback ones; "*" = any; NULL = none */

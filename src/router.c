@@ -16,6 +16,20 @@ const char *route_reason_to_string(RouteReason r) {
         return route_reason_table[r];
 }
 
+static void router_changed(Router *r, const char *model) {
+        if (r->on_change)
+                r->on_change(r, model, r->on_change_userdata);
+}
+
+void router_set_change_callback(Router *r, RouterChangeFunc func, void *userdata) {
+        r->on_change = func;
+        r->on_change_userdata = userdata;
+}
+
+bool router_is_full(const Router *r) {
+        return r->max_routes > 0 && g_hash_table_size(r->routes) >= r->max_routes;
+}
+
 static Route *route_free(Route *rt) {
         if (!rt)
                 return NULL;
@@ -48,6 +62,7 @@ Router *router_new(const Config *c, ProviderSet *providers) {
         r->providers = provider_set_ref(providers);
         r->routes = g_hash_table_new_full(g_str_hash, g_str_equal, NULL, route_destroy);
         r->allow_override = c->allow_provider_override;
+        r->max_routes = c->max_routes;
 
         def = provider_set_find(providers, c->default_provider);
         if (!def) /* validated at load; a set made for tests may lack it */
@@ -184,6 +199,7 @@ int router_set_default(Router *r, const char *name) {
                 return 0;
         route_free(r->default_route);
         r->default_route = route_new_single(r, "*", p);
+        router_changed(r, NULL);
         return 1;
 }
 
@@ -199,16 +215,22 @@ int router_set_mapping(Router *r, const char *model, const char *provider) {
         old = g_hash_table_lookup(r->routes, model);
         if (old && old->n_arms == 1 && old->arms[0].provider == p)
                 return 0;
+        if (!old && router_is_full(r))
+                return -ENOSPC;
         Route *rt = route_new_single(r, model, p);
         if (old)
                 rt->seq = old->seq; /* a change keeps its place in listings */
         g_hash_table_replace(r->routes, rt->model, rt);
+        router_changed(r, rt->model);
         return 1;
 }
 
 int router_remove_mapping(Router *r, const char *model) {
+        g_autofree char *name = g_strdup(model);
+
         if (!model || !g_hash_table_remove(r->routes, model))
                 return -ENOENT;
+        router_changed(r, name);
         return 1;
 }
 

@@ -26,16 +26,23 @@ typedef struct Route {
         uint64_t seq;              /* creation order, for stable listings */
 } Route;
 
+typedef struct Router Router;
+/* A route changed: model, or NULL for the default route. */
+typedef void (*RouterChangeFunc)(Router *r, const char *model, void *userdata);
+
 /* The routing table: who serves which request. Made from the configuration over one provider
  * set, replaced as a whole on reload, changed in place by D-Bus calls; a request resolves its
  * provider once, so later changes never touch it. */
-typedef struct Router {
+struct Router {
         ProviderSet *providers;    /* ref */
         Route *default_route;
         GHashTable *routes;        /* model → Route* (owned) */
         uint64_t next_seq;
         bool allow_override;
-} Router;
+        unsigned max_routes;       /* MaxRoutes=; 0 = no bound */
+        RouterChangeFunc on_change;
+        void *on_change_userdata;
+};
 
 Router *router_new(const Config *c, ProviderSet *providers);
 Router *router_free(Router *r);
@@ -56,9 +63,14 @@ int router_pick(const Router *r, const char *header, const char *model, const ch
                 RoutePick *ret);
 
 int router_set_default(Router *r, const char *name);
-/* One provider for a model; returns 1 if changed, 0 if it was so already. */
+/* One provider for a model; returns 1 if changed, 0 if it was so already, -ENOSPC when the
+ * model has no route yet and MaxRoutes= routes are set. */
 int router_set_mapping(Router *r, const char *model, const char *provider);
 int router_remove_mapping(Router *r, const char *model);
+/* A new route would be refused (MaxRoutes=). */
+bool router_is_full(const Router *r);
+/* Tells func of every change made from now on (one at a time; NULL to stop). */
+void router_set_change_callback(Router *r, RouterChangeFunc func, void *userdata);
 
 /* Read access for listings and the saved state. */
 const char *router_default_name(const Router *r);

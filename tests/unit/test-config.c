@@ -1076,6 +1076,7 @@ START_TEST(test_safe_defaults) {
         ck_assert_ptr_null(c->cors_allow_origin);
         ck_assert_ptr_null(c->allowed_hosts);
         ck_assert_uint_eq(c->max_buffered_size, 256 * 1024 * 1024);
+        ck_assert_uint_eq(c->max_routes, 10000);
 }
 END_TEST
 
@@ -1142,6 +1143,20 @@ START_TEST(test_client_authorization) {
         assert_message(errors, "ClientAuthorization='sometimes' must be routed, always or never");
         ck_assert_str_eq(client_authorization_to_string(CLIENT_AUTHORIZATION_ALWAYS), "always");
         ck_assert_ptr_null(client_authorization_to_string(_CLIENT_AUTHORIZATION_MAX));
+}
+END_TEST
+
+START_TEST(test_max_routes) {
+        g_autofree char *path = write_conf("a.conf", "[Router]\nMaxRoutes=2\n[ModelMappings]\na=echo\nb=echo\n");
+        g_autofree char *over = write_conf("b.conf", "[Router]\nMaxRoutes=1\n[ModelMappings]\na=echo\nb=echo\n");
+        g_autofree char *bad = write_conf("c.conf", "[Router]\nMaxRoutes=0\n");
+        ConfigSources src = { .path = path }, src_over = { .path = over }, src_bad = { .path = bad };
+        g_autoptr(Config) c = load_ok(&src, NULL);
+        g_autoptr(GPtrArray) errors = load_fail(&src_over), errors_bad = load_fail(&src_bad);
+
+        ck_assert_uint_eq(c->max_routes, 2);
+        assert_message(errors, "2 model mappings are configured, more than MaxRoutes=1");
+        assert_message(errors_bad, "MaxRoutes='0' must be between 1 and 10000000");
 }
 END_TEST
 
@@ -1219,6 +1234,7 @@ static Suite *config_suite(void) {
         tcase_add_test(tc, test_allowed_hosts_invalid);
         tcase_add_test(tc, test_client_authorization);
         tcase_add_test(tc, test_max_buffered_size);
+        tcase_add_test(tc, test_max_routes);
         suite_add_tcase(s, tc);
 
         return s;

@@ -149,6 +149,64 @@ START_TEST(test_load_corrupt_file) {
 }
 END_TEST
 
+/* The writer thread: a change costs the loop one small record, the file follows. */
+static void on_saved(uint64_t saved, void *userdata) {
+        *(uint64_t *) userdata = saved;
+}
+
+static void run_until_saved(State *s, sd_event *e) {
+        for (unsigned i = 0; i < 1000 && state_saved(s) < state_pending(s); i++)
+                ck_assert_int_ge(sd_event_run(e, 10 * 1000), 0);
+        ck_assert_uint_eq(state_saved(s), state_pending(s));
+}
+
+START_TEST(test_writer) {
+        g_autoptr(State) s = NULL;
+        g_autoptr(GKeyFile) kf = g_key_file_new();
+        g_autofree char *path = state_file_path(), *def = NULL, *a = NULL, *llama = NULL, *removed = NULL;
+        uint64_t saved = 0;
+
+        ck_assert_int_ge(sd_event_new(&m.event), 0);
+        m.listeners = g_array_new(FALSE, FALSE, sizeof(void *) * 2);
+        ck_assert_int_eq(state_new(&m, &s), 0);
+        state_set_saved_callback(s, on_saved, &saved);
+        ck_assert_uint_eq(state_pending(s), 0);
+
+        ck_assert_int_eq(router_set_default(m.router, "echo"), 1);
+        ck_assert_int_eq(router_set_mapping(m.router, "a", "qwen-direct"), 1);
+        ck_assert_int_eq(router_remove_mapping(m.router, "b"), 1);
+        ck_assert_int_eq(router_set_mapping(m.router, "llama3:8b", "echo"), 1);
+        ck_assert_uint_eq(state_pending(s), 4);
+        run_until_saved(s, m.event);
+        ck_assert_uint_eq(saved, 4);
+
+        ck_assert(g_key_file_load_from_file(kf, path, G_KEY_FILE_NONE, NULL));
+        def = g_key_file_get_string(kf, "Routing", "DefaultProvider", NULL);
+        a = g_key_file_get_string(kf, "SetModelMappings", "a", NULL);
+        llama = g_key_file_get_string(kf, "SetModelMappings", "llama3:8b", NULL);
+        removed = g_key_file_get_string(kf, "RemovedModelMappings", "b", NULL);
+        ck_assert_str_eq(def, "echo");
+        ck_assert_str_eq(a, "qwen-direct");
+        ck_assert_str_eq(llama, "echo");
+        ck_assert_str_eq(removed, "");
+
+        /* Back to the configuration, change by change: no file. */
+        ck_assert_int_eq(router_set_default(m.router, "lm-studio"), 1);
+        ck_assert_int_eq(router_set_mapping(m.router, "a", "echo"), 1);
+        ck_assert_int_eq(router_set_mapping(m.router, "b", "qwen-proxy"), 1);
+        ck_assert_int_eq(router_remove_mapping(m.router, "llama3:8b"), 1);
+        run_until_saved(s, m.event);
+        ck_assert(!state_file_exists());
+
+        /* What is queued is written on the way out. */
+        ck_assert_int_eq(router_set_mapping(m.router, "late", "echo"), 1);
+        s = state_free(s);
+        ck_assert(state_file_exists());
+        g_clear_pointer(&m.event, sd_event_unref);
+        g_clear_pointer(&m.listeners, g_array_unref);
+}
+END_TEST
+
 static Suite *state_suite(void) {
         Suite *s = suite_create("state");
         TCase *tc = tcase_create("state");
@@ -160,6 +218,7 @@ static Suite *state_suite(void) {
         tcase_add_test(tc, test_load_missing_file);
         tcase_add_test(tc, test_load_drops_stale_entries);
         tcase_add_test(tc, test_load_corrupt_file);
+        tcase_add_test(tc, test_writer);
         suite_add_tcase(s, tc);
         return s;
 }
