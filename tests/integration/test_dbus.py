@@ -2558,7 +2558,8 @@ class LimitsTest(BusTestMixin, RouterTestCase):
         router = self.launch()
         pk = FakePolkit(self.bus.socket_path)
         self.addCleanup(pk.close)
-        pk.delay = 10.0 * SLOW
+        # Long enough for 70 callers to come, shorter than gdbus's own timeout (25 s).
+        pk.delay = 15.0
         callers = [self.clients.start(self.clients.gdbus_argv("SetDefaultProvider", "beta"), user=AS_NOBODY)
                    for _ in range(70)]
         for p in callers:

@@ -23,6 +23,9 @@ from harness import (LOOPBACK, SLOW, RouterTestCase, chat_body, http_request, ma
 
 # What the echo provider echoes at most (README, provider-router.conf(5)).
 ECHO_REPLY_MAX = 64 * 1024
+# Under AddressSanitizer (meson sets the slow factor for sanitized builds) RSS holds the
+# allocator's quarantine of freed memory and its shadow: the memory bounds are not checked there.
+SANITIZED = SLOW > 1
 
 
 class LoopProbe(threading.Thread):
@@ -364,7 +367,8 @@ class EchoTest(SecurityCase):
         # The loop answered /health all along (the watchdog is 30 s; one slice is a few ms).
         self.assertGreater(probe.count, 10)
         self.assertLess(worst, 0.5 * SLOW, "the loop stalled for %.3f s" % worst)
-        self.assertLess(rss, 200 * 1024, "RSS %d KiB" % rss)
+        if not SANITIZED:
+            self.assertLess(rss, 200 * 1024, "RSS %d KiB" % rss)
         print("\n    two 8 MB echo streams at once: longest /health answer %.1f ms over %d probes, RSS %d KiB"
               % (worst * 1000, probe.count, rss), file=sys.stderr)
         self.assert_still_serves(router)
@@ -585,7 +589,8 @@ class MemoryTest(SecurityCase):
         # Nothing accepted is lost: every admitted body was answered in full.
         for a in answers:
             self.assertTrue(a.startswith(b"HTTP/1.1 200"), a[:200])
-        self.assertLess(peak - baseline, (budget + 48) * 1024, "RSS grew from %d to %d KiB" % (baseline, peak))
+        if not SANITIZED:
+            self.assertLess(peak - baseline, (budget + 48) * 1024, "RSS grew from %d to %d KiB" % (baseline, peak))
         self.assert_still_serves(router)
 
     def test_endless_answers_bounded(self):
@@ -625,7 +630,8 @@ class MemoryTest(SecurityCase):
         for r in results:
             self.assert_error(r, 504, "timeout_error", "endless", provider="endless")
         # The budget, and what the allocator keeps of buffers that grew and moved.
-        self.assertLess(peak - baseline, (2 * budget + 32) * 1024, "RSS grew from %d to %d KiB" % (baseline, peak))
+        if not SANITIZED:
+            self.assertLess(peak - baseline, (2 * budget + 32) * 1024, "RSS grew from %d to %d KiB" % (baseline, peak))
         self.assert_still_serves(router)
         self.assert_still_serves(router, self.alpha)
 
