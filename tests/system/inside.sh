@@ -136,6 +136,35 @@ check "Type=notify: the service reports its status" \
 check "the watchdog is armed (WatchdogSec=30s)" \
         sh -c '[ "$(systemctl show -P WatchdogUSec provider-router.service)" = 30s ]'
 
+# ---- the installed defaults keep web pages out (issue 11) --------------------------------
+web_body='{"model":"echo","messages":[{"role":"user","content":"from a web page"}]}'
+cross_origin_refused() {
+        local code
+        # A preflight and a plain cross-origin POST: answered, but with no CORS header, so the
+        # browser shows the page nothing.
+        curl -s --max-time 10 -X OPTIONS -D "$tmp/preflight.headers" -o /dev/null -H 'Origin: http://evil.example' \
+                -H 'Access-Control-Request-Method: POST' "$url/v1/chat/completions" || return 1
+        curl -s --max-time 10 -D "$tmp/cors.headers" -o /dev/null -H 'Origin: http://evil.example' \
+                -H 'Content-Type: application/json' -H 'X-Provider: echo' -d "$web_body" "$url/v1/chat/completions" || return 1
+        if grep -qi '^Access-Control-' "$tmp/preflight.headers" "$tmp/cors.headers"; then
+                cat "$tmp/preflight.headers" "$tmp/cors.headers"
+                return 1
+        fi
+        # A POST a page may send without a preflight (text/plain) is refused.
+        code=$(curl -s --max-time 10 -o "$tmp/simple.body" -w '%{http_code}' -H 'Origin: http://evil.example' \
+                -H 'Content-Type: text/plain' -d "$web_body" "$url/v1/chat/completions")
+        [ "$code" = 415 ] || { echo "text/plain POST: $code"; cat "$tmp/simple.body"; return 1; }
+}
+rebinding_refused() {
+        local code
+        code=$(curl -s --max-time 10 -o "$tmp/rebind.body" -w '%{http_code}' -H 'Host: evil.example:3001' \
+                -H 'Content-Type: application/json' -H 'X-Provider: echo' -d "$web_body" "$url/v1/chat/completions")
+        [ "$code" = 403 ] && grep -q 'Host not allowed' "$tmp/rebind.body" || { echo "$code"; cat "$tmp/rebind.body"; return 1; }
+}
+check "the installed defaults send no CORS header to a cross-origin page and refuse a text/plain POST (415)" \
+        cross_origin_refused
+check "the installed defaults refuse a rebinding Host: evil.example:3001 (403)" rebinding_refused
+
 # ---- a loopback mock provider with an API key from a systemd credential -----------------
 systemd-run --quiet --unit=pr-mock-provider -p DynamicUser=yes \
         /payload/mock-provider --port "$mock_port" --name mock --quiet
@@ -442,7 +471,8 @@ tokens_enforced() {
         timeout 60 systemctl restart provider-router.service &&
                 [ "$(http_code -H 'X-Provider: echo' -d "$body" "$url/v1/chat/completions")" = 401 ] &&
                 [ "$(http_code -H 'X-Provider: echo' -H 'Authorization: Bearer wrong' -d "$body" "$url/v1/chat/completions")" = 401 ] &&
-                [ "$(http_code -H 'X-Provider: echo' -H 'Authorization: Bearer system-test-client-token' -d "$body" "$url/v1/chat/completions")" = 200 ] &&
+                [ "$(http_code -H 'X-Provider: echo' -H 'Authorization: Bearer system-test-client-token' \
+                        -H 'Content-Type: application/json' -d "$body" "$url/v1/chat/completions")" = 200 ] &&
                 [ "$(http_code "$url/health")" = 200 ]
 }
 check "client tokens from /etc/credstore: 401 without or with a wrong token, 200 with it, /health open" tokens_enforced
