@@ -387,7 +387,19 @@ void *dispatch_start(Exchange *x, void *userdata) {
         }
 
         r->handler = rt->handler;
-        r->subpath = rt->prefix ? exchange_path(x) + STRLEN("/v1") : rt->subpath;
+        if (rt->prefix) {
+                /* The path as the client wrote it picks the route; what follows /v1 goes to the
+                 * handler decoded (it is escaped again for the provider). A bad escape or an
+                 * escaped NUL is no path of anyone's. */
+                r->subpath = r->subpath_buf = g_uri_unescape_string(exchange_path(x) + STRLEN("/v1"), NULL);
+                if (!r->subpath) {
+                        request_respond_error(r, 404, "invalid_request_error", NULL,
+                                              "Unknown path '%s'. This router serves POST /v1/chat/completions, "
+                                              "GET /v1/models and GET /health.", exchange_path(x));
+                        return r;
+                }
+        } else
+                r->subpath = rt->subpath;
         exchange_set_body_limit(x, w->config->max_body_size);
         /* Both refused before a byte of the body is read. */
         if ((rt->methods & METHODS_POST) && exchange_body_too_large(x))

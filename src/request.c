@@ -58,6 +58,7 @@ Request *request_free(Request *r) {
                 return NULL;
         request_clear_producer(r);
         record_clear(&r->record);
+        g_free(r->subpath_buf);
         provider_set_unref(r->providers);
         g_free(r);
         return NULL;

@@ -41,7 +41,8 @@ struct Request {
         bool authorized;              /* passed the client token check (or none is configured) */
         ProviderSet *providers;       /* ref: providers stay valid until the request ends */
         RequestRecord record;
-        const char *subpath;          /* the part of the path after the route's prefix */
+        const char *subpath;          /* the part of the path after the route's prefix, percent-decoded */
+        char *subpath_buf;
 };
 
 Request *request_new(Worker *w, Exchange *x);
