@@ -249,6 +249,32 @@ long_model_in_journal() {
 check "a request with a 10 KB model name has its journal entry (journalctl REQUEST_ID=$long_rid), the name cut and marked" \
         wait_for 10 long_model_in_journal
 
+# ---- a comparison, in the journal and on the bus (issue 12) ----------------------------------
+compare_request() {
+        curl -sf --max-time 30 -H 'Content-Type: application/json' -H 'X-Provider: mock' -H 'X-Compare: mock' \
+                -D "$tmp/cmp.headers" -o /dev/null \
+                -d '{"model":"m-compare","messages":[{"role":"user","content":"compare me"}]}' "$url/v1/chat/completions"
+}
+check "a request asking for a comparison (X-Compare: mock) is answered" compare_request
+cmp_rid=$(header cmp X-Request-Id)
+comparison_in_journal() {
+        local out f
+        out=$(journalctl MESSAGE_ID=3f0a1c9e6b2d4e8f9a7c5b1d2e4f6a80 PROVIDER=mock REQUEST_ID="$cmp_rid" -o export --no-pager 2>/dev/null)
+        for f in MODEL=m-compare ORIGIN=x-compare SIMILARITY=1.0000 PRIMARY_PROVIDER=mock MIRROR_PROVIDER=mock \
+                 PRIMARY_STATUS=200 MIRROR_STATUS=200 PRIMARY_TTFB_USEC= MIRROR_TTFB_USEC= PRIMARY_DURATION_USEC= \
+                 MIRROR_DURATION_USEC= PRIMARY_PROMPT_TOKENS= MIRROR_COMPLETION_TOKENS= PRIMARY_TOKENS_PER_SEC= \
+                 PRIMARY_FINISH_REASON=stop MIRROR_FINISH_REASON=stop PRIMARY_ANSWER_LENGTH= MIRROR_ANSWER_LENGTH=; do
+                printf '%s\n' "$out" | grep -q "^$f" || { echo "no $f in: $out"; return 1; }
+        done
+}
+check "journalctl MESSAGE_ID=3f0a1c9e… PROVIDER=mock shows the comparison ($cmp_rid) with every field" \
+        wait_for 10 comparison_in_journal
+comparison_on_bus() {
+        busctl --json=short call org.providerrouter.Router1 /org/providerrouter/Router1 \
+                org.providerrouter.Router1 GetComparisons u 5 | grep -q "$cmp_rid"
+}
+check "... and GetComparisons lists it" comparison_on_bus
+
 # ---- who may do what on the bus --------------------------------------------------------
 as_nobody() { setpriv --reuid=nobody --regid=nogroup --clear-groups "$@"; }
 nobody_reads() { as_nobody busctl get-property org.providerrouter.Router1 /org/providerrouter/Router1 org.providerrouter.Router1 DefaultProvider | grep -q mock; }
