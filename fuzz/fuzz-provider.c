@@ -1,12 +1,14 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* What a provider sends back: the lines of an answer's head (each an exact-size buffer, as
- * curl hands them over), a Retry-After value, a GET /models list merged with another one, and
- * the usage of an answer. */
+ * curl hands them over), a Retry-After value, a GET /models list merged with another one, the
+ * usage of an answer, and what a comparison reads of it (text, tool calls, finish, tokens). */
 #include <assert.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "answer.h"
+#include "compare.h"
 #include "config.h"
 #include "health.h"
 #include "inspect.h"
@@ -66,5 +68,23 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 assert(models_list_append(again, seen_again, merged->str, merged->len, "again") == n);
         }
         (void) inspect_usage(text, size, &p, &c);
+
+        /* What a comparison reads of an answer, whole and as a stream in two pieces; its text
+         * against itself is alike in full. */
+        for (int stream = 0; stream < 2; stream++) {
+                AnswerSummary s;
+                AnswerReader r;
+
+                answer_summary_init(&s, "fuzz");
+                answer_reader_init(&r, &s, stream);
+                answer_reader_feed(&r, text, size / 2);
+                answer_reader_feed(&r, text + size / 2, size - size / 2);
+                answer_reader_finish(&r);
+                assert(s.text->len <= ANSWER_TEXT_MAX && s.text->len <= s.answer_length);
+                assert(s.tool_calls->len <= ANSWER_TOOL_CALLS_MAX);
+                assert(compare_similarity(s.text->str, s.text->len, s.text->str, s.text->len) == 1.0);
+                answer_reader_clear(&r);
+                answer_summary_clear(&s);
+        }
         return 0;
 }

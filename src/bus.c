@@ -15,6 +15,12 @@
 #define BUS_ERROR_NO_SUCH_MAPPING "org.providerrouter.Router1.Error.NoSuchMapping"
 #define BUS_ERROR_INVALID_MODEL "org.providerrouter.Router1.Error.InvalidModel"
 #define BUS_ERROR_CONFIG_INVALID "org.providerrouter.Router1.Error.ConfigInvalid"
+#define BUS_ERROR_TOO_MANY_ROUTES "org.providerrouter.Router1.Error.TooManyRoutes"
+
+/* polkit checks waiting for an answer, at most: past it a caller is refused at once. */
+#define PENDING_AUTH_MAX 64
+/* Calls answered once their change is on disk, at most: past it they are answered at once. */
+#define WAITING_SAVE_MAX 4096
 
 typedef struct Bus Bus;
 /* With apply=false reads and checks the arguments only; with apply=true makes the change.
@@ -26,8 +32,31 @@ struct Bus {
         sd_bus *bus;
         GList *pending;      /* PendingAuth* */
         GList *calls;        /* BusCall*: Compare and Probe calls being answered */
+        unsigned n_pending;
         sd_bus_slot *object_slot;
+
+        /* PropertiesChanged goes out when the loop is idle: a burst of changes is one signal,
+         * not one serialization of every mapping per change. */
+        sd_event_source *emit;
+        unsigned dirty;      /* DIRTY_* */
+
+        BusPendingFunc persist_pending;
+        void *persist_userdata;
+        uint64_t persisted;  /* generation of the saved state on disk */
+        GQueue waiting;      /* WaitingSave*, oldest first */
 };
+
+enum {
+        DIRTY_ROUTING = 1 << 0,      /* DefaultProvider, ModelMappings */
+        DIRTY_PROVIDERS = 1 << 1,    /* Providers */
+        DIRTY_STATES = 1 << 2,       /* ProviderStates */
+};
+
+/* A method call whose change is made, waiting to be on disk before it is answered. */
+typedef struct WaitingSave {
+        sd_bus_message *message;
+        uint64_t generation;
+} WaitingSave;
 
 /* A method call waiting for polkit's answer. */
 typedef struct PendingAuth {
@@ -50,6 +79,61 @@ static void pending_auth_destroy(gpointer p) {
         pending_auth_free(p);
 }
 
+static void bus_reply_done(Bus *b, sd_bus_message *message) {
+        int r = sd_bus_reply_method_return(message, NULL);
+        if (r < 0)
+                log_debug_errno(r, "Failed to answer a D-Bus call, ignoring: %m");
+}
+
+/* A change was made for message: answered now, or once it is on disk. */
+static int bus_reply_changed(Bus *b, sd_bus_message *message) {
+        WaitingSave *w;
+        uint64_t gen;
+
+        if (!b->persist_pending || g_queue_get_length(&b->waiting) >= WAITING_SAVE_MAX)
+                return sd_bus_reply_method_return(message, NULL);
+        gen = b->persist_pending(b->persist_userdata);
+        if (gen <= b->persisted)
+                return sd_bus_reply_method_return(message, NULL);
+        w = g_new(WaitingSave, 1);
+        w->message = sd_bus_message_ref(message);
+        w->generation = gen;
+        g_queue_push_tail(&b->waiting, w);
+        return 1;
+}
+
+void bus_set_persistence(Bus *b, BusPendingFunc pending, void *userdata) {
+        b->persist_pending = pending;
+        b->persist_userdata = userdata;
+}
+
+void bus_persisted(Bus *b, uint64_t saved) {
+        WaitingSave *w;
+
+        b->persisted = MAX(b->persisted, saved);
+        while ((w = g_queue_peek_head(&b->waiting)) && w->generation <= b->persisted) {
+                g_queue_pop_head(&b->waiting);
+                bus_reply_done(b, w->message);
+                sd_bus_message_unref(w->message);
+                g_free(w);
+        }
+}
+
+int bus_creds_trusted_euid(sd_bus_creds *creds, uid_t *ret) {
+        uid_t uid;
+        int r;
+
+        /* What sd-bus filled in from /proc rather than from the broker is not proof: the process
+         * may have exited and its PID been reused. systemd's own services refuse it too. */
+        if (sd_bus_creds_get_augmented_mask(creds) & SD_BUS_CREDS_EUID)
+                return -EPERM;
+        r = sd_bus_creds_get_euid(creds, &uid);
+        if (r < 0)
+                return -EPERM;
+        *ret = uid;
+        return 0;
+}
+
 static int reply_with(sd_bus_message *message, int r, sd_bus_error *error) {
         if (r < 0) {
                 if (sd_bus_error_is_set(error))
@@ -66,6 +150,7 @@ static int polkit_reply(sd_bus_message *reply, void *userdata, sd_bus_error *ret
         int authorized = 0, challenge = 0, r;
 
         b->pending = g_list_remove(b->pending, p);
+        b->n_pending--;
 
         if (sd_bus_message_is_method_error(reply, NULL)) {
                 const sd_bus_error *e = sd_bus_message_get_error(reply);
@@ -97,7 +182,10 @@ static int polkit_reply(sd_bus_message *reply, void *userdata, sd_bus_error *ret
                                       "Not authorized to change routing (polkit action " POLKIT_ACTION ").");
 
 finish:
-        (void) reply_with(p->message, r, &error);
+        if (r >= 0)
+                (void) bus_reply_changed(b, p->message);
+        else
+                (void) reply_with(p->message, r, &error);
 done:
         sd_bus_error_free(&error);
         pending_auth_free(p);
@@ -119,18 +207,12 @@ static int verify_and_run(sd_bus_message *message, Bus *b, AuthorizedFunc func, 
         if (r < 0)
                 return r;
 
-        /* dbus-daemon vouches for the sender's uid; the effective one needs /proc, which a
-         * sandboxed service may not see, so the uid it is. */
-        r = sd_bus_query_sender_creds(message, SD_BUS_CREDS_UID | SD_BUS_CREDS_EUID | SD_BUS_CREDS_AUGMENT, &creds);
+        /* Only what the broker vouches for: dbus-daemon sends the sender's effective uid
+         * (UnixUserID). Nothing is read from /proc (no SD_BUS_CREDS_AUGMENT). */
+        r = sd_bus_query_sender_creds(message, SD_BUS_CREDS_EUID, &creds);
         if (r < 0)
                 return r;
-        r = sd_bus_creds_get_euid(creds, &uid);
-        if (r < 0)
-                r = sd_bus_creds_get_uid(creds, &uid);
-        if (r < 0)
-                return r;
-
-        if (uid == 0 || uid == geteuid()) {
+        if (bus_creds_trusted_euid(creds, &uid) >= 0 && (uid == 0 || uid == geteuid())) {
                 /* The handler validated the arguments already; func reads them again. */
                 r = sd_bus_message_rewind(message, true);
                 if (r < 0)
@@ -140,13 +222,20 @@ static int verify_and_run(sd_bus_message *message, Bus *b, AuthorizedFunc func, 
                         return r;
                 if (r > 0)
                         return 1; /* it answers by itself */
-                return sd_bus_reply_method_return(message, NULL);
+                r = bus_reply_changed(b, message);
+                return r < 0 ? r : 1;
         }
 
         /* polkit knows system bus names only: on a session bus, the owner decides alone. */
         if (m->options.bus_mode != BUS_MODE_SYSTEM)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED,
                                          "Only the user running the router may change its routing.");
+
+        /* Every question to polkit holds a call and its message until polkit answers. */
+        if (b->n_pending >= PENDING_AUTH_MAX)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_LIMITS_EXCEEDED,
+                                         "Too many authorization checks are waiting for polkit (%u); try again shortly.",
+                                         PENDING_AUTH_MAX);
 
         p = g_new0(PendingAuth, 1);
         p->bus = b;
@@ -164,6 +253,7 @@ static int verify_and_run(sd_bus_message *message, Bus *b, AuthorizedFunc func, 
                 return r;
         }
         b->pending = g_list_prepend(b->pending, p);
+        b->n_pending++;
         return 1;
 }
 
@@ -214,6 +304,11 @@ static int do_set_model_mapping(sd_bus_message *message, Bus *b, bool apply, sd_
                 return r;
         if (!router_find(m->router, provider))
                 return no_such_provider(m, provider, error);
+        if (!router_get_route(m->router, model) && router_is_full(m->router))
+                return sd_bus_error_setf(error, BUS_ERROR_TOO_MANY_ROUTES,
+                                         "The routing table is full: %u routes are set (MaxRoutes=%u). "
+                                         "Remove one first, or raise MaxRoutes=.",
+                                         router_n_routes(m->router), m->router->max_routes);
         if (!apply)
                 return 0;
         r = manager_set_model_mapping(m, model, provider);
@@ -479,6 +574,11 @@ static int do_set_model_split(sd_bus_message *message, Bus *b, bool apply, sd_bu
         for (guint i = 0; i < names->len; i++)
                 if (!router_find(m->router, names->pdata[i]))
                         return no_such_provider(m, names->pdata[i], error);
+        if (!streq(model, ROUTE_DEFAULT_MODEL) && !router_get_route(m->router, model) && router_is_full(m->router))
+                return sd_bus_error_setf(error, BUS_ERROR_TOO_MANY_ROUTES,
+                                         "The routing table is full: %u routes are set (MaxRoutes=%u). "
+                                         "Remove one first, or raise MaxRoutes=.",
+                                         router_n_routes(m->router), m->router->max_routes);
         if (!apply)
                 return 0;
         r = manager_set_model_split(m, model, (const char *const *) names->pdata, (const uint32_t *) (void *) weights->data,
@@ -943,17 +1043,46 @@ static const sd_bus_vtable router_vtable[] = {
         SD_BUS_VTABLE_END,
 };
 
-static void bus_on_manager(Manager *m, ManagerEvent event, void *userdata) {
+static int bus_on_emit(sd_event_source *source, void *userdata) {
         Bus *b = userdata;
+        const char *names[6];
+        size_t n = 0;
         int r;
 
-        if (event == MANAGER_PROVIDER_STATES)
-                r = sd_bus_emit_properties_changed(b->bus, BUS_PATH, BUS_INTERFACE, "ProviderStates", NULL);
-        else
-                r = sd_bus_emit_properties_changed(b->bus, BUS_PATH, BUS_INTERFACE, "DefaultProvider", "ModelMappings",
-                                                   "ModelSplits", "Providers", "ProviderStates", NULL);
+        if (b->dirty & DIRTY_ROUTING) {
+                names[n++] = "DefaultProvider";
+                names[n++] = "ModelMappings";
+                names[n++] = "ModelSplits";
+        }
+        if (b->dirty & DIRTY_PROVIDERS)
+                names[n++] = "Providers";
+        if (b->dirty & DIRTY_STATES)
+                names[n++] = "ProviderStates";
+        names[n] = NULL;
+        b->dirty = 0;
+        if (n == 0)
+                return 0;
+        r = sd_bus_emit_properties_changed_strv(b->bus, BUS_PATH, BUS_INTERFACE, (char **) names);
         if (r < 0)
                 log_debug_errno(r, "Failed to emit PropertiesChanged, ignoring: %m");
+        return 0;
+}
+
+static void bus_on_manager(Manager *m, ManagerEvent event, void *userdata) {
+        Bus *b = userdata;
+
+        switch (event) {
+        case MANAGER_PROVIDER_STATES:
+                b->dirty |= DIRTY_STATES;
+                break;
+        case MANAGER_ROUTING_CHANGED:
+                b->dirty |= DIRTY_ROUTING;
+                break;
+        default:
+                b->dirty |= DIRTY_ROUTING | DIRTY_PROVIDERS | DIRTY_STATES;
+                break;
+        }
+        (void) sd_event_source_set_enabled(b->emit, SD_EVENT_ONESHOT);
 }
 
 int bus_new(Manager *m, Bus **ret) {
@@ -982,6 +1111,13 @@ int bus_new(Manager *m, Bus **ret) {
         if (r < 0)
                 return log_error_errno(r, "Failed to attach the bus to the event loop: %m");
 
+        r = sd_event_add_defer(m->event, &b->emit, bus_on_emit, b);
+        if (r < 0)
+                return log_error_errno(r, "Failed to set up PropertiesChanged: %m");
+        (void) sd_event_source_set_priority(b->emit, SD_EVENT_PRIORITY_IDLE);
+        (void) sd_event_source_set_enabled(b->emit, SD_EVENT_OFF);
+        (void) sd_event_source_set_description(b->emit, "bus-properties-changed");
+
         r = sd_bus_request_name(bus, BUS_NAME, 0);
         if (r < 0)
                 return log_error_errno(r, "Failed to acquire the bus name " BUS_NAME " on the %s bus: %m",
@@ -998,11 +1134,20 @@ int bus_new(Manager *m, Bus **ret) {
 }
 
 Bus *bus_free(Bus *b) {
+        WaitingSave *w;
+
         if (!b)
                 return NULL;
+        /* The changes are made; the saved state is flushed on the way out. */
+        while ((w = g_queue_pop_head(&b->waiting))) {
+                bus_reply_done(b, w->message);
+                sd_bus_message_unref(w->message);
+                g_free(w);
+        }
         g_list_free_full(b->pending, pending_auth_destroy);
         while (b->calls)
                 bus_call_free(b->calls->data);
+        sd_event_source_disable_unref(b->emit);
         sd_bus_slot_unref(b->object_slot);
         sd_bus_flush_close_unref(b->bus);
         g_free(b);

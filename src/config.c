@@ -70,6 +70,25 @@ ProviderConfig *provider_config_ref(ProviderConfig *p) {
         return p;
 }
 
+static const char *const client_authorization_table[_CLIENT_AUTHORIZATION_MAX] = {
+        [CLIENT_AUTHORIZATION_ROUTED] = "routed",
+        [CLIENT_AUTHORIZATION_ALWAYS] = "always",
+        [CLIENT_AUTHORIZATION_NEVER] = "never",
+};
+
+const char *client_authorization_to_string(ClientAuthorization a) {
+        if (a < 0 || a >= _CLIENT_AUTHORIZATION_MAX)
+                return NULL;
+        return client_authorization_table[a];
+}
+
+ClientAuthorization client_authorization_from_string(const char *s) {
+        for (int i = 0; s && i < _CLIENT_AUTHORIZATION_MAX; i++)
+                if (streq(s, client_authorization_table[i]))
+                        return (ClientAuthorization) i;
+        return _CLIENT_AUTHORIZATION_INVALID;
+}
+
 void provider_config_destroy(gpointer p) {
         provider_config_unref(p);
 }
@@ -146,6 +165,7 @@ Config *config_free(Config *c) {
         g_free(c->host);
         g_free(c->default_provider);
         g_free(c->cors_allow_origin);
+        g_strfreev(c->allowed_hosts);
         g_free(c->client_tokens_credential);
         g_free(c->client_tokens_file);
         if (c->client_token_digests)
@@ -199,8 +219,10 @@ static Config *config_new_empty(void) {
         c->max_response_size = 64 * 1024 * 1024;
         c->max_header_size = 32 * 1024;
         c->stream_buffer_size = 16 * 1024;
+        c->max_buffered_size = 256 * 1024 * 1024;
+        c->max_routes = 10000;
         c->max_connections = 4096;
-        c->cors_allow_origin = g_strdup("*");
+        c->cors_allow_origin = NULL; /* a web page may use the router only when told so */
         c->models_cache_usec = 10 * USEC_PER_SEC;
         c->failure_threshold = 3;
         c->cooldown_usec = 30 * USEC_PER_SEC;
@@ -572,6 +594,56 @@ static void mapping_remove(Config *c, const char *model) {
                 }
 }
 
+/* A name or address as a client writes it in Host: (no port); IPv6 with or without brackets. */
+static bool allowed_host_is_valid(const char *h) {
+        size_t n = strlen(h);
+
+        if (n == 0 || n > 253)
+                return false;
+        for (size_t i = 0; i < n; i++)
+                if (!g_ascii_isalnum(h[i]) && !strchr("-._:[]", h[i]))
+                        return false;
+        return true;
+}
+
+/* AllowedHosts=: space-separated; kept lower-case, without brackets or a trailing dot, as the
+ * front door compares them. An empty value resets the list. */
+static void set_allowed_hosts(Parser *p, char ***field, const char *value) {
+        g_auto(GStrv) words = g_strsplit_set(value, " \t", -1);
+        g_autoptr(GPtrArray) hosts = g_ptr_array_new_with_free_func(g_free);
+
+        for (char **w = words; *w; w++) {
+                size_t n;
+                char *h;
+
+                if (isempty(*w))
+                        continue;
+                if (streq(*w, "*")) {
+                        g_ptr_array_add(hosts, g_strdup("*"));
+                        continue;
+                }
+                if (!allowed_host_is_valid(*w)) {
+                        parser_error(p, "%s: [Router] AllowedHosts= contains '%s', which is not a host name or address",
+                                     p->source, *w);
+                        continue;
+                }
+                h = g_ascii_strdown(*w, -1);
+                n = strlen(h);
+                if (h[0] == '[' && n > 2 && h[n - 1] == ']') {
+                        memmove(h, h + 1, n - 2);
+                        h[n - 2] = 0;
+                } else if (n > 1 && h[n - 1] == '.')
+                        h[n - 1] = 0;
+                g_ptr_array_add(hosts, h);
+        }
+        g_strfreev(*field);
+        *field = NULL;
+        if (hosts->len > 0) {
+                g_ptr_array_add(hosts, NULL);
+                *field = (char **) g_ptr_array_free(g_steal_pointer(&hosts), FALSE);
+        }
+}
+
 static void parse_router_group(Parser *p, GKeyFile *kf) {
         const char *group = "Router";
         g_auto(GStrv) keys = g_key_file_get_keys(kf, group, NULL, NULL);
@@ -621,12 +693,19 @@ static void parse_router_group(Parser *p, GKeyFile *kf) {
                         set_size(p, group, key, &c->max_header_size, v, 4096, 1024 * 1024);
                 else if (streq(key, "StreamBufferSize"))
                         set_size(p, group, key, &c->stream_buffer_size, v, 4096, 64ULL * 1024 * 1024);
+                else if (streq(key, "MaxRoutes")) {
+                        if (parse_unsigned(v, 1, 10000000, &c->max_routes) < 0)
+                                parser_error(p, "%s: [Router] MaxRoutes='%s' must be between 1 and 10000000", p->source, v);
+                } else if (streq(key, "MaxBufferedSize"))
+                        set_size(p, group, key, &c->max_buffered_size, v, 1024 * 1024, 1024ULL * 1024 * 1024 * 1024);
                 else if (streq(key, "MaxConnections")) {
                         if (parse_unsigned(v, 1, 1000000, &c->max_connections) < 0)
                                 parser_error(p, "%s: [Router] MaxConnections='%s' must be between 1 and 1000000",
                                              p->source, v);
                 } else if (streq(key, "CORSAllowOrigin"))
                         set_string(&c->cors_allow_origin, v);
+                else if (streq(key, "AllowedHosts"))
+                        set_allowed_hosts(p, &c->allowed_hosts, v);
                 else if (streq(key, "FailureThreshold")) {
                         if (parse_unsigned(v, 0, 1000, &c->failure_threshold) < 0)
                                 parser_error(p, "%s: [Router] FailureThreshold='%s' must be between 0 (never) and 1000",
@@ -824,6 +903,13 @@ static void parse_provider_group(Parser *p, GKeyFile *kf, const char *group, con
                 } else if (streq(key, "MaxRetries")) {
                         if (parse_unsigned(v, 0, 10, &pc->max_retries) < 0)
                                 parser_error(p, "%s: [%s] MaxRetries='%s' must be between 0 and 10", p->source, group, v);
+                } else if (streq(key, "ClientAuthorization")) {
+                        ClientAuthorization a = client_authorization_from_string(v);
+                        if (a < 0)
+                                parser_error(p, "%s: [%s] ClientAuthorization='%s' must be routed, always or never",
+                                             p->source, group, v);
+                        else
+                                pc->client_authorization = a;
                 } else if (!parse_provider_tls_key(p, group, pc, key, v))
                         parser_warning(p, "%s: unknown key '%s' in [%s], ignoring", p->source, key, group);
         }
@@ -864,7 +950,7 @@ static RouteConfig *parser_get_route(Parser *p, const char *model) {
 }
 
 /* "a:80 b:20" (commas work too; no weight is 1). A provider named twice is refused. */
-static int parse_arms(const char *v, char ***ret_names, uint32_t **ret_weights) {
+int config_parse_arms(const char *v, char ***ret_names, uint32_t **ret_weights) {
         g_auto(GStrv) words = g_strsplit_set(v, " \t,", -1);
         g_autoptr(GPtrArray) names = g_ptr_array_new_with_free_func(g_free);
         g_autoptr(GArray) weights = g_array_new(FALSE, FALSE, sizeof(uint32_t));
@@ -916,7 +1002,7 @@ static void parse_route_group(Parser *p, GKeyFile *kf, const char *group, const 
                 if (streq(key, "Providers")) {
                         g_auto(GStrv) names = NULL;
                         g_autofree uint32_t *weights = NULL;
-                        int r = parse_arms(v, &names, &weights);
+                        int r = config_parse_arms(v, &names, &weights);
                         if (r == -EEXIST)
                                 parser_error(p, "%s: [%s] Providers='%s' names a provider twice", p->source, group, v);
                         else if (r < 0)
@@ -1502,6 +1588,10 @@ static void validate(Parser *p, const ConfigSources *src) {
         load_client_tokens(p, src);
         if (c->max_cooldown_usec < c->cooldown_usec)
                 c->max_cooldown_usec = c->cooldown_usec;
+        if (c->max_buffered_size < c->max_body_size)
+                parser_warning(p, "MaxBufferedSize=%" PRIu64 " is smaller than MaxBodySize=%" PRIu64
+                               ": a body larger than the first is always refused with 503",
+                               c->max_buffered_size, c->max_body_size);
 
         if (c->providers->len == 0)
                 parser_error(p, "no providers are configured");
@@ -1546,6 +1636,9 @@ static void validate(Parser *p, const ConfigSources *src) {
                 resolve_tls(p, pc, src);
         }
 
+        if (c->mapping_order->len > c->max_routes)
+                parser_error(p, "%u model mappings are configured, more than MaxRoutes=%u", c->mapping_order->len,
+                             c->max_routes);
         for (guint i = 0; i < c->mapping_order->len; i++) {
                 const char *model = c->mapping_order->pdata[i];
                 const char *provider = g_hash_table_lookup(c->mappings, model);

@@ -16,6 +16,19 @@ typedef enum ProviderKind {
 const char *provider_kind_to_string(ProviderKind k);
 ProviderKind provider_kind_from_string(const char *s);
 
+/* Whether a client's own Authorization header may be passed to a provider (one without a key of
+ * its own, and only when the header is not one of the router's client tokens). */
+typedef enum ClientAuthorization {
+        CLIENT_AUTHORIZATION_ROUTED,  /* only to the provider the request was routed to */
+        CLIENT_AUTHORIZATION_ALWAYS,  /* also as a fallback and in the merged /v1/models */
+        CLIENT_AUTHORIZATION_NEVER,
+        _CLIENT_AUTHORIZATION_MAX,
+        _CLIENT_AUTHORIZATION_INVALID = -EINVAL,
+} ClientAuthorization;
+
+const char *client_authorization_to_string(ClientAuthorization a);
+ClientAuthorization client_authorization_from_string(const char *s);
+
 /* One [Provider NAME] group, resolved: the secret is loaded, timeouts are in µs. Immutable once
  * loaded and reference counted, so a request in flight keeps the provider it started with
  * across a reload. */
@@ -56,6 +69,7 @@ typedef struct ProviderConfig {
         size_t client_key_blob_size;
         char *proxy;                   /* Proxy=; with proxy_set and NULL: explicitly none */
         bool proxy_set;                /* unset: libcurl's environment (HTTPS_PROXY, NO_PROXY…) */
+        ClientAuthorization client_authorization;
 } ProviderConfig;
 
 ProviderConfig *provider_config_ref(ProviderConfig *p);
@@ -104,8 +118,11 @@ typedef struct Config {
         uint64_t max_response_size;
         uint64_t max_header_size;
         uint64_t stream_buffer_size;
+        uint64_t max_buffered_size; /* one budget for every buffered body and answer */
+        unsigned max_routes;       /* model mappings and splits, at most */
         unsigned max_connections;
-        char *cors_allow_origin;   /* NULL disables CORS headers */
+        char *cors_allow_origin;   /* "*" or origins separated by spaces; NULL: no CORS headers */
+        char **allowed_hosts;      /* Host: names accepted besides loopback ones; "*" = any; NULL = none */
         usec_t models_cache_usec;  /* how long the merged GET /v1/models list is kept; 0 = not */
 
         /* failover and health */
@@ -153,6 +170,8 @@ Config *config_new_default(void);
 /* O(1): a hash table by name. */
 ProviderConfig *config_find_provider(const Config *c, const char *name);
 const RouteConfig *config_find_route(const Config *c, const char *model);
+/* "a:80 b:20" → names (NULL-terminated) and weights; -EINVAL, -EEXIST (a name twice), -ENODATA. */
+int config_parse_arms(const char *v, char ***ret_names, uint32_t **ret_weights);
 /* "user", "header:NAME", "token" → kind (and the header's name). */
 StickyKind sticky_kind_from_string(const char *s, char **ret_header);
 

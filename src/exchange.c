@@ -22,6 +22,7 @@ struct ExchangeFront {
         void *userdata;
         uint64_t max_body_size;
         size_t stream_buffer_size;
+        Budget *budget;
         GList *exchanges;          /* Exchange* */
         unsigned n_exchanges;
         sd_event_source *hup_sweep;
@@ -45,7 +46,9 @@ struct Exchange {
         uint64_t body_limit;
         uint64_t body_received;    /* including what was dropped past the limit */
         bool body_too_large;
+        bool body_no_room;         /* the budget had no room for it */
         bool body_complete;
+        uint64_t body_counted;     /* against the budget: announced length, or what was allocated */
 
         /* the answer */
         GString *headers;          /* "name\0value\0" … for the next answer */
@@ -56,6 +59,7 @@ struct Exchange {
         bool client_gone;
         bool peer_shut_write;      /* the client finished sending (it may still be reading) */
         bool hup_off;              /* the watcher was turned off while MHD was writing */
+        bool close_after;          /* "Connection: close" on the answer */
         sd_event_source *hup;
         usec_t parked_at;          /* CLOCK_MONOTONIC, when last suspended without a watcher */
 
@@ -64,6 +68,8 @@ struct Exchange {
         bool stream_ended;
         bool stream_error;
         bool want_writable;
+        bool stream_broken;        /* no memory for what was written: end it with an error */
+        uint64_t answer_counted;   /* against the budget: the stream's buffer, a whole answer */
         char *buf;
         size_t buf_head;           /* bytes before it went out already */
         size_t buf_size;
@@ -113,6 +119,80 @@ void exchange_foreach_header(const Exchange *x, bool (*func)(const char *name, c
         (void) MHD_get_connection_values(x->connection, MHD_HEADER_KIND, header_iter, &it);
 }
 
+typedef struct HeadFields {
+        const char *keys[256];
+        const char *values[256];
+        size_t n;
+        bool too_many;
+} HeadFields;
+
+static enum MHD_Result head_field(void *cls, enum MHD_ValueKind kind, const char *key, const char *value) {
+        HeadFields *f = cls;
+
+        if (f->n >= ELEMENTSOF(f->keys)) {
+                f->too_many = true;
+                return MHD_NO;
+        }
+        f->keys[f->n] = key;
+        f->values[f->n] = strempty(value);
+        f->n++;
+        return MHD_YES;
+}
+
+static enum MHD_Result count_value(void *cls, enum MHD_ValueKind kind, const char *key, const char *value) {
+        (*(size_t *) cls)++;
+        return MHD_YES;
+}
+
+/* Whether [from, to) holds anything but the whitespace and terminators around a value. */
+static bool cut_text_between(const char *from, const char *to) {
+        for (const char *p = from; p < to; p++)
+                if (*p != 0 && *p != ' ' && *p != '\t' && *p != '\r' && *p != '\n')
+                        return true;
+        return false;
+}
+
+/* libmicrohttpd 0.9.75 ends a header value (and the path) at a NUL byte and reports the length up
+ * to it, so MHD_get_connection_values_n() cannot tell. What was cut off stays in its read buffer,
+ * which holds the request's head in order: MHD_CONNECTION_INFO_REQUEST_HEADER_SIZE bytes from the
+ * method on, each name and value pointing into it. So anything but whitespace between the end of a
+ * value and the next name (or the end of the head) was cut off by a NUL. When the head is not laid
+ * out like that (another libmicrohttpd), there is no verdict. */
+bool exchange_headers_have_nul(const Exchange *x) {
+        const union MHD_ConnectionInfo *ci;
+        const char *start = x->method, *end;
+        HeadFields f = {};
+        size_t n_args = 0;
+
+        ci = MHD_get_connection_info(x->connection, MHD_CONNECTION_INFO_REQUEST_HEADER_SIZE);
+        if (!ci || !start || ci->header_size == 0)
+                return false;
+        end = start + ci->header_size;
+
+        (void) MHD_get_connection_values(x->connection, MHD_HEADER_KIND, head_field, &f);
+        if (f.too_many)
+                return false;
+        for (size_t i = 0; i < f.n; i++) {
+                const char *from = f.values[i] + strlen(f.values[i]);
+                const char *to = i + 1 < f.n ? f.keys[i + 1] : end;
+
+                if (f.keys[i] < start || from > end || to < from || to > end)
+                        return false;
+                if (cut_text_between(from + 1, to))
+                        return true;
+        }
+
+        /* The path: with no query its end is followed by the version only. (With a query, '?',
+         * '&' and '=' became NULs as well, and "%00" is what is checked.) */
+        (void) MHD_get_connection_values(x->connection, MHD_GET_ARGUMENT_KIND, count_value, &n_args);
+        if (n_args == 0 && x->url && x->version && x->url > start && x->version < end && x->version > x->url) {
+                const char *from = x->url + strlen(x->url);
+                if (from < x->version && cut_text_between(from + 1, x->version))
+                        return true;
+        }
+        return false;
+}
+
 usec_t exchange_start_time(const Exchange *x) {
         return x->start;
 }
@@ -128,6 +208,18 @@ const char *exchange_body(const Exchange *x, size_t *ret_size) {
 
 bool exchange_body_too_large(const Exchange *x) {
         return x->body_too_large;
+}
+
+bool exchange_body_no_room(const Exchange *x) {
+        return x->body_no_room;
+}
+
+/* Forgets the body; the rest of it is read and dropped. */
+static void exchange_drop_body(Exchange *x) {
+        g_clear_pointer(&x->body, g_free);
+        x->body_size = x->body_alloc = 0;
+        budget_give(x->front->budget, x->body_counted);
+        x->body_counted = 0;
 }
 
 void exchange_set_body_limit(Exchange *x, uint64_t limit) {
@@ -147,27 +239,63 @@ void exchange_set_body_limit(Exchange *x, uint64_t limit) {
                 x->body_too_large = true;
                 return;
         }
+        if (n == 0)
+                return;
+        /* What a client announces is counted before it arrives: 200 clients announcing 8 MiB
+         * and sending slowly hold the budget, not 1.6 GB. */
+        if (!budget_try_take(x->front->budget, n + 1 - x->body_counted)) {
+                x->body_no_room = true;
+                return;
+        }
+        x->body_counted = n + 1; /* and its NUL */
         /* Room for what was announced, up to a bound: a client announcing a large body gets
          * memory only as its bytes really arrive. */
-        if (n > 0) {
-                x->body_alloc = (size_t) MIN(n, (uint64_t) BODY_PREALLOC_MAX) + 1;
-                x->body = g_malloc(x->body_alloc);
+        x->body_alloc = (size_t) MIN(n, (uint64_t) BODY_PREALLOC_MAX) + 1;
+        x->body = g_try_malloc(x->body_alloc);
+        if (!x->body)
+                x->body_alloc = 0;
+}
+
+/* Grows the body's buffer to hold need bytes, counted against the budget; false when there is
+ * no room or no memory. */
+static bool exchange_body_grow(Exchange *x, size_t need) {
+        Budget *b = x->front->budget;
+        size_t want = (size_t) MIN((uint64_t) MAX(x->body_alloc * 2, need), x->body_limit + 1);
+        char *p;
+
+        want = MAX(want, need);
+        if (need <= x->body_counted)
+                want = MIN(want, (size_t) x->body_counted); /* within what was announced */
+        if (want > x->body_counted) {
+                if (!budget_try_take(b, want - x->body_counted)) {
+                        want = need; /* the doubling did not fit: just enough, then */
+                        if (want > x->body_counted && !budget_try_take(b, want - x->body_counted))
+                                return false;
+                }
+                x->body_counted = MAX(x->body_counted, (uint64_t) want);
         }
+        p = g_try_realloc(x->body, want);
+        if (!p)
+                return false;
+        x->body = p;
+        x->body_alloc = want;
+        return true;
 }
 
 static void exchange_body_append(Exchange *x, const char *data, size_t size) {
-        if (x->body_too_large)
+        if (x->body_too_large || x->body_no_room)
                 return;
         if (x->body_size + size > x->body_limit) {
                 x->body_too_large = true;
-                g_clear_pointer(&x->body, g_free);
-                x->body_size = x->body_alloc = 0;
+                exchange_drop_body(x);
                 return;
         }
-        if (x->body_size + size + 1 > x->body_alloc) {
-                size_t want = MAX(x->body_alloc * 2, x->body_size + size + 1);
-                x->body_alloc = (size_t) MIN((uint64_t) want, x->body_limit + 1);
-                x->body = g_realloc(x->body, x->body_alloc);
+        if (x->body_size + size + 1 > x->body_alloc && !exchange_body_grow(x, x->body_size + size + 1)) {
+                log_debug("No room for the body of %s '%s' (%" PRIu64 " bytes buffered of MaxBufferedSize=%" PRIu64 ")",
+                          x->method, x->url, budget_used(x->front->budget), budget_limit(x->front->budget));
+                x->body_no_room = true;
+                exchange_drop_body(x);
+                return;
         }
         memcpy(x->body + x->body_size, data, size);
         x->body_size += size;
@@ -306,6 +434,10 @@ static void exchange_suspend(Exchange *x) {
 
 /* ---- answers ----------------------------------------------------------------------------- */
 
+void exchange_close_after(Exchange *x) {
+        x->close_after = true;
+}
+
 void exchange_add_header(Exchange *x, const char *name, const char *value) {
         if (!x->headers)
                 x->headers = g_string_sized_new(256);
@@ -323,7 +455,7 @@ static void exchange_apply_headers(Exchange *x, struct MHD_Response *resp) {
                 }
                 g_string_free(g_steal_pointer(&x->headers), TRUE);
         }
-        if (x->front->quiesced)
+        if (x->front->quiesced || x->close_after)
                 (void) MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
 }
 
@@ -350,6 +482,9 @@ void exchange_respond(Exchange *x, unsigned status, char *body, size_t size) {
                                                                  size > 0 ? g_free : NULL);
         if (size == 0)
                 g_free(body);
+        /* Held until it went out, whatever the budget says: it is accepted work. */
+        budget_take(x->front->budget, size);
+        x->answer_counted += size;
         x->bytes_out = size;
         exchange_set_response(x, status, resp);
 }
@@ -363,6 +498,8 @@ static ssize_t exchange_stream_reader(void *cls, uint64_t pos, char *out, size_t
 
         avail = x->buf_size - x->buf_head;
         if (avail == 0) {
+                if (x->stream_broken)
+                        return MHD_CONTENT_READER_END_WITH_ERROR;
                 if (x->stream_ended)
                         return x->stream_error ? MHD_CONTENT_READER_END_WITH_ERROR : MHD_CONTENT_READER_END_OF_STREAM;
                 exchange_suspend(x);
@@ -389,7 +526,7 @@ static ssize_t exchange_stream_reader(void *cls, uint64_t pos, char *out, size_t
 static void exchange_make_stream_response(Exchange *x) {
         struct MHD_Response *resp;
 
-        if (x->stream_ended && !x->stream_error) {
+        if (x->stream_ended && !x->stream_error && !x->stream_broken) {
                 size_t size = x->buf_size - x->buf_head;
                 if (x->buf_head > 0)
                         memmove(x->buf, x->buf + x->buf_head, size);
@@ -418,7 +555,7 @@ void exchange_stream_begin(Exchange *x, unsigned status) {
 void exchange_stream_write(Exchange *x, const char *data, size_t size) {
         g_assert(x->stream && !x->stream_ended);
 
-        if (x->client_gone || size == 0)
+        if (x->client_gone || x->stream_broken || size == 0)
                 return;
         if (x->buf_size + size > x->buf_alloc) {
                 if (x->buf_head > 0) {
@@ -428,8 +565,23 @@ void exchange_stream_write(Exchange *x, const char *data, size_t size) {
                         x->buf_head = 0;
                 }
                 if (x->buf_size + size > x->buf_alloc) {
-                        x->buf_alloc = MAX(MAX(x->buf_alloc * 2, x->buf_size + size), (size_t) 1024);
-                        x->buf = g_realloc(x->buf, x->buf_alloc);
+                        size_t want = MAX(MAX(x->buf_alloc * 2, x->buf_size + size), (size_t) 1024);
+                        char *p = g_try_realloc(x->buf, want);
+
+                        if (!p) {
+                                /* What went out so far stays good; the stream ends with an error. */
+                                log_warning("No memory for %zu bytes of the answer to %s '%s', ending it", want,
+                                            x->method, x->url);
+                                x->stream_broken = true;
+                                exchange_wake(x);
+                                return;
+                        }
+                        /* Accepted work: counted whatever the budget says. A stream's buffer is
+                         * bounded by back-pressure (StreamBufferSize= and one event). */
+                        budget_take(x->front->budget, want - x->buf_alloc);
+                        x->answer_counted += want - x->buf_alloc;
+                        x->buf = p;
+                        x->buf_alloc = want;
                 }
         }
         memcpy(x->buf + x->buf_size, data, size);
@@ -438,7 +590,7 @@ void exchange_stream_write(Exchange *x, const char *data, size_t size) {
 }
 
 bool exchange_stream_full(Exchange *x) {
-        if (x->buf_size - x->buf_head <= x->front->stream_buffer_size)
+        if (x->buf_size - x->buf_head <= x->front->stream_buffer_size && !x->stream_broken)
                 return false;
         x->want_writable = true;
         return true;
@@ -497,6 +649,7 @@ static void exchange_free(Exchange *x) {
         f->n_exchanges--;
         if (x->headers)
                 g_string_free(x->headers, TRUE);
+        budget_give(f->budget, x->body_counted + x->answer_counted);
         g_free(x->body);
         g_free(x->buf);
         g_free(x);
@@ -538,7 +691,7 @@ static enum MHD_Result front_on_request(void *cls, struct MHD_Connection *connec
                  * libmicrohttpd 0.9 refuses a response queued while the upload is still coming
                  * (MHD_queue_response() fails and the client sees a reset, not a 413). Dropping
                  * is bounded too: a client that keeps sending far past the limit is cut off. */
-                if (x->body_too_large && x->body_received > 4 * x->body_limit + 1024 * 1024)
+                if ((x->body_too_large || x->body_no_room) && x->body_received > 4 * x->body_limit + 1024 * 1024)
                         return MHD_NO;
                 return MHD_YES;
         }
@@ -590,6 +743,10 @@ int exchange_front_new(sd_event *event, const ExchangeFrontSetup *setup, Exchang
         f->max_body_size = setup->max_body_size;
         f->stream_buffer_size = setup->stream_buffer_size;
 
+        r = budget_new(event, setup->max_buffered_size, &f->budget);
+        if (r < 0)
+                return log_error_errno(r, "Failed to set up the buffer budget: %m");
+
         r = sd_event_add_time(event, &f->hup_sweep, CLOCK_MONOTONIC, USEC_INFINITY, 50 * USEC_PER_MSEC,
                               front_on_hup_sweep, f);
         if (r < 0)
@@ -613,6 +770,7 @@ ExchangeFront *exchange_front_free(ExchangeFront *f) {
                 return NULL;
         /* Stopping MHD completes every exchange still open. */
         http_server_free(f->http);
+        budget_free(f->budget);
         sd_event_source_disable_unref(f->hup_sweep);
         sd_event_unref(f->event);
         g_free(f);
@@ -632,11 +790,21 @@ bool exchange_front_socket_activated(const ExchangeFront *f) {
         return http_server_socket_activated(f->http);
 }
 
+bool exchange_front_loopback_only(const ExchangeFront *f) {
+        return http_server_loopback_only(f->http);
+}
+
 char *exchange_front_describe(const ExchangeFront *f) {
         return http_server_describe(f->http);
 }
 
-void exchange_front_set_limits(ExchangeFront *f, uint64_t max_body_size, size_t stream_buffer_size) {
+void exchange_front_set_limits(ExchangeFront *f, uint64_t max_body_size, size_t stream_buffer_size,
+                               uint64_t max_buffered_size) {
         f->max_body_size = max_body_size;
         f->stream_buffer_size = stream_buffer_size;
+        budget_set_limit(f->budget, max_buffered_size);
+}
+
+Budget *exchange_front_budget(const ExchangeFront *f) {
+        return f->budget;
 }

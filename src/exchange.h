@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #pragma once
 
+#include "budget.h"
 #include "http-server.h"
 #include "util.h"
 
@@ -34,6 +35,7 @@ typedef struct ExchangeFrontSetup {
         HttpServerSettings http;      /* handler, completed and userdata are set here */
         uint64_t max_body_size;       /* default limit for a request body */
         size_t stream_buffer_size;    /* a stream is full past this many buffered bytes */
+        uint64_t max_buffered_size;   /* the budget for every body, stream buffer and whole answer */
         ExchangeStartFunc start;
         const ExchangeOps *ops;
         void *userdata;               /* for start */
@@ -46,9 +48,17 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(ExchangeFront, exchange_front_free)
 void exchange_front_quiesce(ExchangeFront *f);
 unsigned exchange_front_count(const ExchangeFront *f);
 bool exchange_front_socket_activated(const ExchangeFront *f);
+/* Only this machine can connect (see http_server_loopback_only()). */
+bool exchange_front_loopback_only(const ExchangeFront *f);
 char *exchange_front_describe(const ExchangeFront *f);
-void exchange_front_set_limits(ExchangeFront *f, uint64_t max_body_size, size_t stream_buffer_size);
+void exchange_front_set_limits(ExchangeFront *f, uint64_t max_body_size, size_t stream_buffer_size,
+                               uint64_t max_buffered_size);
+/* The budget the front counts request bodies, stream buffers and whole answers against; handlers
+ * count what they buffer themselves against it too. */
+Budget *exchange_front_budget(const ExchangeFront *f);
 
+/* Sets the body's limit; an announced body is counted against the budget from now on (see
+ * exchange_body_no_room()). */
 void exchange_set_body_limit(Exchange *x, uint64_t limit);
 
 const char *exchange_method(const Exchange *x);
@@ -59,6 +69,9 @@ const char *exchange_header(const Exchange *x, const char *name);
 /* Calls func for each request header, in order; stops when it returns false. */
 void exchange_foreach_header(const Exchange *x, bool (*func)(const char *name, const char *value, void *userdata),
                              void *userdata);
+/* A NUL byte in a header's value or in the path, which cut it short (the strings above end at
+ * it). */
+bool exchange_headers_have_nul(const Exchange *x);
 /* CLOCK_MONOTONIC, when the head was in. */
 usec_t exchange_start_time(const Exchange *x);
 /* The loop's current time, without a clock read. */
@@ -66,7 +79,11 @@ usec_t exchange_now(const Exchange *x);
 
 const char *exchange_body(const Exchange *x, size_t *ret_size);
 bool exchange_body_too_large(const Exchange *x);
+/* The body did not fit into the budget: refused when announced, dropped when it grew. */
+bool exchange_body_no_room(const Exchange *x);
 
+/* The connection is closed after the answer (the request's framing cannot be trusted). */
+void exchange_close_after(Exchange *x);
 /* Adds a header to the next answer (copied). */
 void exchange_add_header(Exchange *x, const char *name, const char *value);
 /* Answers whole; takes body (freed with g_free; NULL with size 0 for none). */

@@ -19,6 +19,7 @@ typedef struct Listener {
         sd_event_source *io;
         int fd;
         bool owned;           /* bound here, not passed by systemd */
+        bool loopback;        /* an IP socket on a loopback address */
         char *address;
 } Listener;
 
@@ -251,6 +252,30 @@ static char *socket_address(int fd) {
         return ss.ss_family == AF_INET6 ? g_strdup_printf("[%s]:%s", host, serv) : g_strdup_printf("%s:%s", host, serv);
 }
 
+/* The request path is kept as the client sent it, escapes and all: a "%00" decoded would cut
+ * the path short (and the front door refuses it), "%2F" would make another path of it, and a
+ * proxy forwards paths as they came anyway. */
+static size_t mhd_unescape_nothing(void *cls, struct MHD_Connection *c, char *s) {
+        return strlen(s);
+}
+
+static bool socket_is_loopback(int fd) {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof(ss);
+
+        if (getsockname(fd, (struct sockaddr *) &ss, &len) < 0)
+                return false;
+        if (ss.ss_family == AF_INET) {
+                const struct sockaddr_in *sin = (const struct sockaddr_in *) &ss;
+                return (ntohl(sin->sin_addr.s_addr) >> 24) == 127;
+        }
+        if (ss.ss_family == AF_INET6) {
+                const struct in6_addr *a = &((const struct sockaddr_in6 *) &ss)->sin6_addr;
+                return IN6_IS_ADDR_LOOPBACK(a) || (IN6_IS_ADDR_V4MAPPED(a) && a->s6_addr[12] == 127);
+        }
+        return false;
+}
+
 static int listener_start(HttpServer *s, const HttpServerSettings *st, int fd, bool owned) {
         Listener *l = g_new0(Listener, 1);
         const union MHD_DaemonInfo *info;
@@ -260,6 +285,7 @@ static int listener_start(HttpServer *s, const HttpServerSettings *st, int fd, b
         l->fd = -1;
         l->owned = owned;
         l->address = socket_address(fd);
+        l->loopback = socket_is_loopback(fd);
 
         l->daemon = MHD_start_daemon(MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG,
                                      0, NULL, NULL, http_server_on_request, s,
@@ -270,6 +296,7 @@ static int listener_start(HttpServer *s, const HttpServerSettings *st, int fd, b
                                      MHD_OPTION_CONNECTION_MEMORY_LIMIT, st->connection_memory_limit,
                                      MHD_OPTION_NOTIFY_COMPLETED, http_server_on_completed, s,
                                      MHD_OPTION_NOTIFY_CONNECTION, mhd_notify_connection, s,
+                                     MHD_OPTION_UNESCAPE_CALLBACK, mhd_unescape_nothing, NULL,
                                      MHD_OPTION_END);
         if (!l->daemon) {
                 log_debug("MHD_start_daemon() failed for %s", l->address);
@@ -441,6 +468,15 @@ void http_server_quiesce(HttpServer *s) {
                         l->fd = -1;
                 }
         }
+}
+
+bool http_server_loopback_only(HttpServer *s) {
+        for (guint i = 0; i < s->listeners->len; i++) {
+                Listener *l = s->listeners->pdata[i];
+                if (!l->loopback)
+                        return false;
+        }
+        return s->listeners->len > 0;
 }
 
 bool http_server_socket_activated(HttpServer *s) {

@@ -32,5 +32,8 @@ void http_server_wake(HttpServer *s);
 
 void http_server_quiesce(HttpServer *s);
 bool http_server_socket_activated(HttpServer *s);
+/* Every listening socket (bound here or passed by systemd) is on a loopback address: only this
+ * machine can connect. A UNIX socket does not count (a reverse proxy may stand in front). */
+bool http_server_loopback_only(HttpServer *s);
 /* "127.0.0.1:3001, [::1]:3001" */
 char *http_server_describe(HttpServer *s);

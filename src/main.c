@@ -57,6 +57,15 @@ static int check_config(const ManagerOptions *o) {
         return EXIT_SUCCESS;
 }
 
+/* A routing change over D-Bus is answered once the saved state holds it. */
+static uint64_t state_pending_for_bus(void *userdata) {
+        return state_pending(userdata);
+}
+
+static void state_saved_for_bus(uint64_t saved, void *userdata) {
+        bus_persisted(userdata, saved);
+}
+
 int main(int argc, char *argv[]) {
         enum { ARG_VERSION = 0x100, ARG_CHECK_CONFIG, ARG_BUS };
         static const struct option options[] = {
@@ -70,6 +79,7 @@ int main(int argc, char *argv[]) {
         ManagerOptions o = { .bus_mode = BUS_MODE_SYSTEM };
         g_autoptr(Manager) m = NULL;
         g_autoptr(Bus) bus = NULL;
+        g_autoptr(State) state = NULL;
         bool do_check = false;
         sigset_t mask;
         int c, r;
@@ -130,17 +140,22 @@ int main(int argc, char *argv[]) {
          * its changes. Runtime routing changes outlive restarts until a reload. */
         r = manager_new(&o, &m);
         if (r >= 0) {
-                (void) state_attach(m);
+                (void) state_new(m, &state);
                 r = manager_start(m);
         }
         if (r >= 0)
                 r = bus_new(m, &bus);
+        if (r >= 0 && bus && state) {
+                bus_set_persistence(bus, state_pending_for_bus, state);
+                state_set_saved_callback(state, state_saved_for_bus, bus);
+        }
         if (r >= 0) {
                 manager_ready(m);
                 r = manager_run(m);
         }
 
         g_clear_pointer(&bus, bus_free);
+        g_clear_pointer(&state, state_free);
         g_clear_pointer(&m, manager_free);
         curl_global_cleanup();
 

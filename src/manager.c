@@ -72,7 +72,8 @@ static void manager_publish(Manager *m) {
         if (w->comparisons)
                 compare_store_set_kept(w->comparisons, m->config->comparisons_kept);
         if (w->front)
-                exchange_front_set_limits(w->front, m->config->max_body_size, (size_t) m->config->stream_buffer_size);
+                exchange_front_set_limits(w->front, m->config->max_body_size, (size_t) m->config->stream_buffer_size,
+                                          m->config->max_buffered_size);
 }
 
 static int manager_load_config(Manager *m, Config **ret, char **ret_error) {
@@ -385,6 +386,7 @@ int manager_start(Manager *m) {
                 },
                 .max_body_size = m->config->max_body_size,
                 .stream_buffer_size = (size_t) m->config->stream_buffer_size,
+                .max_buffered_size = m->config->max_buffered_size,
                 .start = dispatch_start,
                 .ops = &dispatch_ops,
                 .userdata = &m->worker,

@@ -475,7 +475,7 @@ static void models_fan_out(ModelsQuery *q) {
 
                 if (p->config->kind != PROVIDER_KIND_OPENAI)
                         continue;
-                authorization = request_upstream_authorization(r, p);
+                authorization = request_upstream_authorization(r, p, false);
                 if (c && !authorization && c->fetched[p->index] != USEC_INFINITY && now < c->fetched[p->index] + ttl) {
                         if (c->lists[p->index])
                                 q->cached[p->index] = g_bytes_ref(c->lists[p->index]);
@@ -586,7 +586,7 @@ static void models_relay(ModelsQuery *q, Provider *p, const char *url) {
                 .url = url,
                 .head = streq(exchange_method(r->exchange), "HEAD"),
                 .api_key = pc->api_key,
-                .authorization = request_upstream_authorization(r, p),
+                .authorization = request_upstream_authorization(r, p, true),
                 .request_id = r->record.request_id,
                 .client_headers = foreach_client_header,
                 .client = r->exchange,

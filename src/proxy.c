@@ -40,7 +40,9 @@ typedef struct Proxy {
         bool too_large;
         char *buf;                   /* whole answer (not streamed), or what is not yet relayed */
         size_t buf_size;
-        size_t buf_alloc;
+        size_t buf_alloc;            /* counted against the buffer budget */
+        BudgetWaiter room;           /* paused until the budget has room for more of it */
+        bool no_memory;
         SseScanner sse;
         uint64_t dropped_comments;
 
@@ -56,13 +58,59 @@ static Provider *chain_at(const Proxy *px, unsigned i) {
         return i == 0 ? px->routed : px->routed->fallbacks[i - 1];
 }
 
-static void buf_append(Proxy *px, const char *data, size_t size) {
+static Budget *proxy_budget(const Proxy *px) {
+        return exchange_front_budget(px->request->worker->front);
+}
+
+/* Returns -ENOBUFS when the buffer budget has no room now (wait, then offer the data again),
+ * -ENOMEM when there is no memory (give up). The provider decides the size: nothing aborts. */
+static int buf_append(Proxy *px, const char *data, size_t size) {
         if (px->buf_size + size > px->buf_alloc) {
-                px->buf_alloc = MAX(MAX(px->buf_alloc * 2, px->buf_size + size), (size_t) 1024);
-                px->buf = g_realloc(px->buf, px->buf_alloc);
+                Budget *b = proxy_budget(px);
+                size_t need = px->buf_size + size, want = MAX(MAX(px->buf_alloc * 2, need), (size_t) 1024);
+                char *p;
+
+                if (!budget_try_take(b, want - px->buf_alloc)) {
+                        want = need; /* the doubling did not fit: just enough, then */
+                        if (!budget_try_take(b, want - px->buf_alloc))
+                                return -ENOBUFS;
+                }
+                p = g_try_realloc(px->buf, want);
+                if (!p) {
+                        budget_give(b, want - px->buf_alloc);
+                        return -ENOMEM;
+                }
+                px->buf = p;
+                px->buf_alloc = want;
         }
         memcpy(px->buf + px->buf_size, data, size);
         px->buf_size += size;
+        return 0;
+}
+
+static void buf_free(Proxy *px) {
+        g_clear_pointer(&px->buf, g_free);
+        budget_give(proxy_budget(px), px->buf_alloc);
+        px->buf_size = px->buf_alloc = 0;
+}
+
+static void proxy_on_room(void *userdata) {
+        Proxy *px = userdata;
+
+        if (px->upstream && upstream_is_paused(px->upstream))
+                upstream_resume(px->upstream);
+}
+
+/* What on_data answers when buf_append() failed. */
+static size_t proxy_buffer_failed(Proxy *px, int k) {
+        if (k == -ENOBUFS) {
+                /* Accepted work is not dropped for lack of room: it waits for some. */
+                if (!budget_waiting(&px->room))
+                        budget_wait(proxy_budget(px), &px->room, proxy_on_room, px);
+                return CURL_WRITEFUNC_PAUSE;
+        }
+        px->no_memory = true;
+        return 0; /* aborts the transfer */
 }
 
 /* The first n bytes of buf were relayed or dropped. */
@@ -204,6 +252,7 @@ static size_t proxy_on_data(Upstream *u, const char *data, size_t size, void *us
         Proxy *px = userdata;
         Request *r = px->request;
         const Config *c = r->worker->config;
+        int k;
 
         if (r->record.ttfb == USEC_INFINITY)
                 r->record.ttfb = worker_now(r->worker) - r->record.start;
@@ -213,15 +262,17 @@ static size_t proxy_on_data(Upstream *u, const char *data, size_t size, void *us
                         px->too_large = true;
                         return 0; /* aborts the transfer */
                 }
-                buf_append(px, data, size);
-                return size;
+                k = buf_append(px, data, size);
+                return k < 0 ? proxy_buffer_failed(px, k) : size;
         }
 
         /* Back-pressure: while the client has not taken what is here, the provider waits. */
         if (px->committed && exchange_stream_full(r->exchange))
                 return CURL_WRITEFUNC_PAUSE;
 
-        buf_append(px, data, size);
+        k = buf_append(px, data, size);
+        if (k < 0)
+                return proxy_buffer_failed(px, k);
         sse_scanner_scan(&px->sse, px->buf, px->buf_size, on_sse_event, px);
 
         /* Only the event still incomplete counts against the limit: one event may be large. */
@@ -273,6 +324,13 @@ static void proxy_respond_failure(Proxy *px, UpstreamError error, const char *me
         Request *r = px->request;
         const char *name = px->provider->name;
 
+        if (px->no_memory) {
+                exchange_add_header(r->exchange, "Retry-After", "1");
+                record_set_error(&r->record, ERROR_CLASS_INTERNAL, "overloaded_error", "no memory for the answer");
+                request_respond_error(r, 503, "overloaded_error", name, "The router has no memory for the answer of '%s'.",
+                                      name);
+                return;
+        }
         if (px->too_large) {
                 record_set_error(&r->record, ERROR_CLASS_INVALID, "provider_error", "answer larger than MaxResponseSize=");
                 request_respond_error(r, 502, "provider_error", name, "Provider '%s' sent an answer larger than %" PRIu64 " bytes.",
@@ -337,8 +395,10 @@ static void proxy_respond_buffered(Proxy *px) {
         }
 
         add_upstream_headers(px, false);
-        request_respond(r, status, TAKE_PTR(px->buf), size);
+        /* The exchange holds (and counts) the answer from here on. */
+        budget_give(proxy_budget(px), px->buf_alloc);
         px->buf_size = px->buf_alloc = 0;
+        request_respond(r, status, TAKE_PTR(px->buf), size);
 }
 
 static int proxy_on_retry_timer(sd_event_source *s, uint64_t usec, void *userdata) {
@@ -580,7 +640,7 @@ static void proxy_start_attempt(Proxy *px, Provider *p) {
                 .body = body,
                 .body_size = body_size,
                 .api_key = pc->api_key,
-                .authorization = request_upstream_authorization(r, p),
+                .authorization = request_upstream_authorization(r, p, p == px->routed),
                 .request_id = rec->request_id,
                 .client_headers = foreach_client_header,
                 .client = r->exchange,
@@ -647,6 +707,7 @@ static void proxy_cancel(Request *r) {
                 return;
         px->upstream = upstream_free(px->upstream);
         px->retry_timer = sd_event_source_disable_unref(px->retry_timer);
+        budget_unwait(proxy_budget(px), &px->room);
 }
 
 /* The request is over: what the primary answered goes to each of its comparisons. */
@@ -688,7 +749,7 @@ static void proxy_free(Request *r) {
         chat_request_info_clear(&px->info);
         g_free(px->url_suffix_buf);
         g_free(px->upstream_body);
-        g_free(px->buf);
+        buf_free(px);
         if (px->upstream_headers)
                 g_ptr_array_unref(px->upstream_headers);
         g_free(px);

@@ -40,10 +40,25 @@ Request *request_new(Worker *w, Exchange *x) {
         return r;
 }
 
+void request_set_producer(Request *r, const RequestProducer *p) {
+        request_clear_producer(r);
+        r->producer = *p;
+}
+
+void request_clear_producer(Request *r) {
+        RequestProducer p = r->producer;
+
+        r->producer = (RequestProducer) {};
+        if (p.free)
+                p.free(p.data);
+}
+
 Request *request_free(Request *r) {
         if (!r)
                 return NULL;
+        request_clear_producer(r);
         record_clear(&r->record);
+        g_free(r->subpath_buf);
         provider_set_unref(r->providers);
         g_free(r);
         return NULL;
@@ -77,9 +92,38 @@ static void request_add_server_timing(Request *r) {
         exchange_add_header(r->exchange, "Server-Timing", value);
 }
 
+const char *request_cors_origin(Request *r, bool *ret_vary) {
+        const char *allowed = r->worker->config->cors_allow_origin;
+        const char *origin, *p;
+        size_t n;
+
+        *ret_vary = false;
+        /* CORS headers matter to browsers only, and a browser always sends Origin. */
+        if (!allowed)
+                return NULL;
+        origin = exchange_header(r->exchange, "Origin");
+        if (streq(allowed, "*"))
+                return origin ? "*" : NULL;
+
+        /* A list: the request's own origin is answered when it is one of them. */
+        *ret_vary = true;
+        if (!origin)
+                return NULL;
+        n = strlen(origin);
+        for (p = allowed; *p;) {
+                size_t k = strcspn(p, " \t");
+                if (k == n && g_ascii_strncasecmp(p, origin, n) == 0)
+                        return origin;
+                p += k;
+                p += strspn(p, " \t");
+        }
+        return NULL;
+}
+
 static void request_add_common_headers(Request *r) {
         Exchange *x = r->exchange;
-        const char *origin = r->worker->config->cors_allow_origin;
+        const char *origin;
+        bool vary;
 
         request_add_server_timing(r);
         exchange_add_header(x, "X-Request-Id", r->record.request_id);
@@ -88,11 +132,15 @@ static void request_add_common_headers(Request *r) {
         if (r->record.tried)
                 /* Who was tried before the one that answered, in order. */
                 exchange_add_header(x, "X-Provider-Tried", r->record.tried->str);
-        /* CORS headers matter to browsers only, and a browser always sends Origin. */
-        if (origin && exchange_header(x, "Origin")) {
+        origin = request_cors_origin(r, &vary);
+        if (origin) {
                 exchange_add_header(x, "Access-Control-Allow-Origin", origin);
-                exchange_add_header(x, "Access-Control-Expose-Headers", "X-Provider, X-Request-Id");
+                exchange_add_header(x, "Access-Control-Expose-Headers",
+                                    "X-Provider, X-Request-Id, X-Provider-Request-Id, X-Provider-Tried, Server-Timing");
+                exchange_add_header(x, "Timing-Allow-Origin", origin);
         }
+        if (vary)
+                exchange_add_header(x, "Vary", "Origin");
 }
 
 void request_respond(Request *r, unsigned status, char *body, size_t size) {
@@ -138,8 +186,18 @@ void request_begin_provider(Request *r, Provider *p) {
         record_begin_provider(&r->record, p->name, p->stats);
 }
 
-const char *request_upstream_authorization(Request *r, const Provider *p) {
+const char *request_upstream_authorization(Request *r, const Provider *p, bool routed) {
         if (p->config->api_key || r->worker->config->client_token_digests)
                 return NULL;
+        switch (p->config->client_authorization) {
+        case CLIENT_AUTHORIZATION_ALWAYS:
+                break;
+        case CLIENT_AUTHORIZATION_ROUTED:
+                if (!routed)
+                        return NULL;
+                break;
+        default:
+                return NULL;
+        }
         return request_header(r, "Authorization");
 }

@@ -16,6 +16,20 @@ const char *route_reason_to_string(RouteReason r) {
         return route_reason_table[r];
 }
 
+static void router_changed(Router *r, const char *model) {
+        if (r->on_change)
+                r->on_change(r, model, r->on_change_userdata);
+}
+
+void router_set_change_callback(Router *r, RouterChangeFunc func, void *userdata) {
+        r->on_change = func;
+        r->on_change_userdata = userdata;
+}
+
+bool router_is_full(const Router *r) {
+        return r->max_routes > 0 && g_hash_table_size(r->routes) >= r->max_routes;
+}
+
 static Route *route_free(Route *rt) {
         if (!rt)
                 return NULL;
@@ -146,6 +160,7 @@ Router *router_new(const Config *c, ProviderSet *providers, const Router *previo
         r->providers = provider_set_ref(providers);
         r->routes = g_hash_table_new_full(g_str_hash, g_str_equal, NULL, route_destroy);
         r->allow_override = c->allow_provider_override;
+        r->max_routes = c->max_routes;
 
         def = provider_set_find(providers, c->default_provider);
         if (!def) /* validated at load; a set made for tests may lack it */
@@ -290,6 +305,7 @@ int router_set_default(Router *r, const char *name) {
         if (r->default_route && r->default_route->n_arms == 1 && r->default_route->arms[0].provider == p)
                 return 0;
         router_replace_route(r, route_new_single(r, ROUTE_DEFAULT_MODEL, p, r->default_route));
+        router_changed(r, NULL);
         return 1;
 }
 
@@ -305,7 +321,10 @@ int router_set_mapping(Router *r, const char *model, const char *provider) {
         old = g_hash_table_lookup(r->routes, model);
         if (old && old->n_arms == 1 && old->arms[0].provider == p)
                 return 0;
+        if (!old && router_is_full(r))
+                return -ENOSPC;
         router_replace_route(r, route_new_single(r, model, p, old));
+        router_changed(r, model);
         return 1;
 }
 
@@ -339,14 +358,61 @@ int router_set_split(Router *r, const char *model, const char *const *providers,
                 same = old->arms[i].provider == ps[i] && old->arms[i].weight == weights[i];
         if (same)
                 return 0;
+        if (!old && router_is_full(r))
+                return -ENOSPC;
         router_replace_route(r, route_new(r, model, ps, weights, n, old));
+        router_changed(r, streq(model, ROUTE_DEFAULT_MODEL) ? NULL : model);
         return 1;
 }
 
 int router_remove_mapping(Router *r, const char *model) {
+        g_autofree char *name = g_strdup(model);
+
         if (!model || !g_hash_table_remove(r->routes, model))
                 return -ENOENT;
+        router_changed(r, name);
         return 1;
+}
+
+char *route_to_string(const Route *rt) {
+        GString *s;
+
+        if (!rt)
+                return NULL;
+        if (rt->n_arms == 1)
+                return g_strdup(rt->arms[0].provider->name);
+        s = g_string_new(NULL);
+        for (unsigned i = 0; i < rt->n_arms; i++)
+                g_string_append_printf(s, "%s%s:%u", i > 0 ? " " : "", rt->arms[i].provider->name, rt->arms[i].weight);
+        return g_string_free(s, FALSE);
+}
+
+char *router_config_route_string(const Config *c, const char *model) {
+        const RouteConfig *rc = config_find_route(c, model);
+        const char *p;
+
+        if (rc && rc->providers) {
+                GString *s;
+                if (!rc->providers[1])
+                        return g_strdup(rc->providers[0]);
+                s = g_string_new(NULL);
+                for (unsigned i = 0; rc->providers[i]; i++)
+                        g_string_append_printf(s, "%s%s:%u", i > 0 ? " " : "", rc->providers[i], rc->weights[i]);
+                return g_string_free(s, FALSE);
+        }
+        p = streq(model, ROUTE_DEFAULT_MODEL) ? c->default_provider : g_hash_table_lookup(c->mappings, model);
+        return g_strdup(p);
+}
+
+int router_set_route_string(Router *r, const char *model, const char *value) {
+        g_auto(GStrv) names = NULL;
+        g_autofree uint32_t *weights = NULL;
+        int k;
+
+        k = config_parse_arms(value, &names, &weights);
+        if (k < 0)
+                return -EINVAL;
+        return router_set_split(r, model, (const char *const *) names, weights, g_strv_length(names), NULL);
 }
 
 const char *router_default_name(const Router *r) {

@@ -35,6 +35,9 @@ typedef struct Route {
         unsigned mirror_percent;
 } Route;
 
+/* A route changed: model, or NULL for the default route. */
+typedef void (*RouterChangeFunc)(Router *r, const char *model, void *userdata);
+
 /* The routing table: who serves which request. Made from the configuration over one provider
  * set, replaced as a whole on reload, changed in place by D-Bus calls; a request resolves its
  * provider once, so later changes never touch it. */
@@ -44,6 +47,9 @@ struct Router {
         GHashTable *routes;        /* model → Route* (owned) */
         uint64_t next_seq;
         bool allow_override;
+        unsigned max_routes;       /* MaxRoutes=; 0 = no bound */
+        RouterChangeFunc on_change;
+        void *on_change_userdata;
 };
 
 /* previous may be NULL; arms that exist in both keep their statistics. */
@@ -71,7 +77,8 @@ int router_pick(const Router *r, const char *header, const char *model, StickyKe
                 usec_t now, RoutePick *ret);
 
 int router_set_default(Router *r, const char *name);
-/* One provider for a model; returns 1 if changed, 0 if it was so already. */
+/* One provider for a model; returns 1 if changed, 0 if it was so already, -ENOSPC when the
+ * model has no route yet and MaxRoutes= routes are set. */
 int router_set_mapping(Router *r, const char *model, const char *provider);
 int router_remove_mapping(Router *r, const char *model);
 /* Several providers by weight for a model ("*": the default route). One arm is a mapping.
@@ -80,6 +87,17 @@ int router_remove_mapping(Router *r, const char *model);
 int router_set_split(Router *r, const char *model, const char *const *providers, const uint32_t *weights, unsigned n,
                      const char **ret_unknown);
 /* Sticky key and mirrors of a model's route are set by the configuration. */
+/* A new route would be refused (MaxRoutes=). */
+bool router_is_full(const Router *r);
+/* Tells func of every change made from now on (one at a time; NULL to stop). */
+void router_set_change_callback(Router *r, RouterChangeFunc func, void *userdata);
+
+/* A route's providers as text: "name" for one, "a:80 b:20" for a split; NULL for no route. */
+char *route_to_string(const Route *rt);
+/* The configuration's own route of model ("*": the default route) as text, as above. */
+char *router_config_route_string(const Config *c, const char *model);
+/* Sets a route from such text ("*": the default route). As router_set_split(). */
+int router_set_route_string(Router *r, const char *model, const char *value);
 
 /* Read access for listings and the saved state. */
 const char *router_default_name(const Router *r);

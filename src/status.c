@@ -6,11 +6,31 @@
 
 /* GET /health and GET /metrics: what the router knows about itself and its providers. */
 
+/* A URL as /health shows it: never with its user name and password. */
+static char *url_without_userinfo(const char *url) {
+        g_autoptr(CURLU) u = curl_url();
+        char *s = NULL;
+        g_autofree char *ret = NULL;
+
+        if (!u || curl_url_set(u, CURLUPART_URL, url, 0) != CURLUE_OK ||
+            curl_url_set(u, CURLUPART_USER, NULL, 0) != CURLUE_OK ||
+            curl_url_set(u, CURLUPART_PASSWORD, NULL, 0) != CURLUE_OK ||
+            curl_url_set(u, CURLUPART_OPTIONS, NULL, 0) != CURLUE_OK ||
+            curl_url_get(u, CURLUPART_URL, &s, 0) != CURLUE_OK)
+                return NULL; /* not shown at all rather than shown whole */
+        ret = g_strdup(s);
+        curl_free(s);
+        return TAKE_PTR(ret);
+}
+
 static void health_start(Request *r) {
         Worker *w = r->worker;
         g_autoptr(JsonBuilder) b = json_builder_new_immutable();
         usec_t now = worker_now(w);
         unsigned n = exchange_front_count(w->front);
+        /* With client tokens, only a caller with one learns where providers are and why they
+         * failed: errors may name hosts, paths and what they answered. */
+        bool details = r->authorized;
         size_t size;
         char *json;
 
@@ -37,9 +57,12 @@ static void health_start(Request *r) {
                 json_builder_begin_object(b);
                 json_builder_set_member_name(b, "kind");
                 json_builder_add_string_value(b, provider_kind_to_string(pc->kind));
-                if (pc->base_url) {
-                        json_builder_set_member_name(b, "base_url");
-                        json_builder_add_string_value(b, pc->base_url);
+                if (pc->base_url && details) {
+                        g_autofree char *url = url_without_userinfo(pc->base_url);
+                        if (url) {
+                                json_builder_set_member_name(b, "base_url");
+                                json_builder_add_string_value(b, url);
+                        }
                 }
                 json_builder_set_member_name(b, "state");
                 json_builder_add_string_value(b, health_state_to_string(provider_state(p)));
@@ -47,7 +70,7 @@ static void health_start(Request *r) {
                         json_builder_set_member_name(b, "consecutive_failures");
                         json_builder_add_int_value(b, h->consecutive_failures);
                 }
-                if (h->last_error && h->state != HEALTH_UP) {
+                if (h->last_error && h->state != HEALTH_UP && details) {
                         json_builder_set_member_name(b, "last_error");
                         json_builder_add_string_value(b, h->last_error);
                 }

@@ -220,6 +220,35 @@ class CompareTest(RouterTestCase):
         r = router.chat(chat_body("x"), headers={"X-Provider": "nope"})
         self.assertRegex(r.header("Server-Timing"), r"^router;dur=[0-9.]+$")
 
+    def test_split_survives_restart_until_reload(self):
+        state = os.path.join(self.workdir, "state")
+        conf = self.config("")
+        router = self.start(conf)
+        r = self.clients.ctl("split", "m", "alpha:3", "beta:1")
+        self.assertEqual(r.returncode, 0, r)
+        r = self.clients.ctl("split", "*", "beta:1", "alpha:1")
+        self.assertEqual(r.returncode, 0, r)
+        with open(os.path.join(state, "routing.state")) as f:
+            saved = f.read()
+        self.assertIn("m=alpha:3 beta:1", saved)
+        self.assertIn("DefaultSplit=beta:1 alpha:1", saved)
+        # A crash: the next process serves the splits it was given.
+        router.proc.kill()
+        router.proc.wait(timeout=10 * SLOW)
+        router.returncode = 0  # killed on purpose: not a failed exit
+        wait_until(lambda: not self.clients.has_owner(), 10 * SLOW, interval=0.05, what="the name to go")
+        router = self.start(conf)
+        self.assertEqual(self.clients.prop("ModelSplits"), {"m": [["alpha", 3], ["beta", 1]],
+                                                            "*": [["beta", 1], ["alpha", 1]]})
+        counts = self.served_by(router, 200)
+        self.assertTrue(counts.get("alpha", 0) > 100 and counts.get("beta", 0) > 20, counts)
+        # A reload returns to the files.
+        r = self.clients.ctl("reload")
+        self.assertEqual(r.returncode, 0, r)
+        self.assertEqual(self.clients.prop("ModelSplits"), {})
+        self.assertFalse(os.path.exists(os.path.join(state, "routing.state")))
+        self.assertEqual(self.served_by(router, 5), {"alpha": 5})
+
     # ---- mirrors and comparisons ---------------------------------------------------------
 
     def test_mirror_records_both_answers(self):

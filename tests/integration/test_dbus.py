@@ -34,7 +34,7 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (BUILD_DIR, PROVIDER_ROUTER, SLOW, SOURCE_ROOT, MockProvider, Router,  # noqa: E402
                      RouterTestCase, _base_env, _Process, chat_body, dump_logs, main, router_config,
-                     sanitizer_reports, wait_until)
+                     run_check_config, sanitizer_reports, wait_until)
 
 CTL = os.environ.get("PROVIDER_ROUTERCTL") or os.path.join(BUILD_DIR, "src", "provider-routerctl")
 BUS_POLICY = os.path.join(SOURCE_ROOT, "dbus", "org.providerrouter.Router1.conf")
@@ -602,6 +602,83 @@ class FakeRouter(threading.Thread):
     def close(self):
         self.stopping = True
         self.join(5 * SLOW)
+        self.sock.close()
+
+
+class PipelinedClient:
+    """A connection to the bus that sends many method calls to the router without waiting for
+    each answer (busctl and gdbus wait): for load and for many callers at once. Speaks the wire
+    protocol itself, as the current user (or as argv[0] of user, see run_as_nobody())."""
+
+    def __init__(self, socket_path, uid=None):
+        self.serial = 0
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(30 * SLOW)
+        self.sock.connect(socket_path)
+        self.buf = b""
+        self.sock.sendall(b"\0AUTH EXTERNAL %s\r\n" % str(os.geteuid() if uid is None else uid).encode().hex().encode())
+        line = self._line()
+        assert line.startswith(b"OK "), line
+        self.sock.sendall(b"BEGIN\r\n")
+        s = self.call("Hello", "", (), dest="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                      interface="org.freedesktop.DBus")
+        assert self.wait([s])[s][0] == "ok"
+
+    def _line(self):
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(4096)
+            assert chunk, "bus hung up"
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def call(self, member, signature="", args=(), dest=NAME, path=PATH, interface=IFACE):
+        """Sends a call; returns its serial."""
+        self.serial += 1
+        body = bytearray()
+        for t, v in zip(_split_types(signature), args):
+            _marshal(body, t, v)
+        fields = [(1, ("o", path)), (2, ("s", interface)), (3, ("s", member)), (6, ("s", dest))]
+        if signature:
+            fields.append((8, ("g", signature)))
+        h = bytearray(struct.pack("<cBBBII", b"l", 1, 0, 1, len(body), self.serial))
+        _marshal(h, "a(yv)", fields)
+        h += b"\0" * (-len(h) % 8)
+        self.sock.sendall(bytes(h) + bytes(body))
+        return self.serial
+
+    def wait(self, serials, timeout=60.0):
+        """{serial: ("ok", args) or ("error", name, message)} for each of serials."""
+        want, out = set(serials), {}
+        deadline = time.monotonic() + timeout * SLOW
+        while want:
+            if time.monotonic() > deadline:
+                raise AssertionError("no answer to %d call(s)" % len(want))
+            while len(self.buf) >= 16:
+                body_len, _serial, fields_len = struct.unpack_from("<III", self.buf, 4)
+                header_len = 16 + fields_len + (-(16 + fields_len) % 8)
+                if len(self.buf) < header_len + body_len:
+                    break
+                msg, self.buf = self.buf[:header_len + body_len], self.buf[header_len + body_len:]
+                raw, _ = _unmarshal(msg, 12, "a(yv)")
+                fields = {code: value for code, (_sig, value) in raw}
+                reply_to = fields.get(5)
+                if msg[1] not in (2, 3) or reply_to not in want:
+                    continue
+                args, pos = [], header_len
+                for t in _split_types(fields.get(8, "")):
+                    v, pos = _unmarshal(msg, pos, t)
+                    args.append(v)
+                out[reply_to] = ("ok", args) if msg[1] == 2 else ("error", fields.get(4), args[0] if args else "")
+                want.discard(reply_to)
+            if want:
+                chunk = self.sock.recv(1 << 20)
+                if not chunk:
+                    raise AssertionError("the bus hung up")
+                self.buf += chunk
+        return out
+
+    def close(self):
         self.sock.close()
 
 
@@ -2382,6 +2459,156 @@ class RestartTest(BusTestMixin, RouterTestCase):
         self.assertEqual(self.chat_via(), "alpha")
         self.assertEqual(self.chat_via(model="gamma-model"), "alpha")
         self.assertEqual(self.chat_via(model="beta-model"), "beta")
+        self.assert_alive(second.pid)
+        second.assert_clean_exit()
+
+
+# --- bounds (issue 11.9): routes, polkit checks, saving a large table ----------------------------
+
+@NEEDS_TOOLS
+@NEEDS_ROOT
+class LimitsTest(BusTestMixin, RouterTestCase):
+
+    def setUp(self):
+        self.workdir = tempfile.mkdtemp(prefix="provider-router-dbus-limits-")
+        os.chmod(self.workdir, 0o755)
+        self.addCleanup(shutil.rmtree, self.workdir, True)
+        self.bus = PrivateBus(self.workdir, "system")
+        self._procs.append(self.bus)
+        self.addCleanup(self.bus.shut_down)
+        self.clients = Clients(self.bus)
+        self.alpha = self.start_mock("alpha")
+        self.beta = self.start_mock("beta")
+        self.state_file = os.path.join(self.workdir, "state", "routing.state")
+        self.router = None
+
+    def launch(self, keys=None):
+        providers = providers_config(self.alpha, self.beta)
+        r = Router(lambda port: router_config(port, providers, default="alpha", mappings={"file-model": "beta"},
+                                              router=keys),
+                   env={"DBUS_SYSTEM_BUS_ADDRESS": self.bus.address}, args=["--bus=system"], workdir=self.workdir)
+        self._procs.append(r)
+        self.addCleanup(r.kill)
+        wait_until(self.clients.has_owner, 10 * SLOW, interval=0.1, what="%s on the bus" % NAME)
+        self.router = r
+        return r
+
+    def test_max_routes(self):
+        router = self.launch({"MaxRoutes": "3"})
+        c = self.clients
+        for model in ("m1", "m2"):
+            self.assertEqual(c.busctl_call("SetModelMapping", "ss", model, "beta").returncode, 0)
+        before = self.routing()
+        r = c.gdbus("SetModelMapping", "m3", "beta")
+        self.assert_bus_error(r, ERR + "TooManyRoutes", "The routing table is full: 3 routes are set (MaxRoutes=3).")
+        r = c.ctl("map", "m3", "beta")
+        self.assert_refused_by_ctl(r, "The routing table is full")
+        self.assertEqual(self.routing(), before)
+        self.assertEqual(c.prop("ModelMappings"), {"file-model": "beta", "m1": "beta", "m2": "beta"})
+        self.assertEqual(self.chat_via(model="m3"), "alpha")
+        # A model that has a route may still be moved, and room made by removing one.
+        self.assertEqual(c.busctl_call("SetModelMapping", "ss", "m1", "alpha").returncode, 0)
+        self.assertEqual(c.busctl_call("RemoveModelMapping", "s", "m2").returncode, 0)
+        self.assertEqual(c.busctl_call("SetModelMapping", "ss", "m3", "beta").returncode, 0)
+        self.assertEqual(self.chat_via(model="m3"), "beta")
+        self.assertEqual(parse_state(self.state_file), {"SetModelMappings": {"m1": "alpha", "m3": "beta"}})
+        self.assert_alive(router.pid)
+        # More mappings in the files than MaxRoutes= is a configuration error.
+        path = os.path.join(self.workdir, "too-many.conf")
+        with open(path, "w") as f:
+            f.write("[Router]\nMaxRoutes=1\n[ModelMappings]\na=echo\nb=echo\n")
+        rc, _, err = run_check_config(path)
+        self.assertEqual(rc, 1, err)
+        self.assertIn("2 model mappings are configured, more than MaxRoutes=1", err)
+        router.assert_clean_exit()
+
+    def test_pending_polkit_checks_bounded(self):
+        """Every question to polkit holds a call until polkit answers: at most 64 wait, the next
+        callers are refused at once, and those that waited are answered in the end."""
+        router = self.launch()
+        pk = FakePolkit(self.bus.socket_path)
+        self.addCleanup(pk.close)
+        # Long enough for 70 callers to come, shorter than gdbus's own timeout (25 s).
+        pk.delay = 15.0
+        callers = [self.clients.start(self.clients.gdbus_argv("SetDefaultProvider", "beta"), user=AS_NOBODY)
+                   for _ in range(70)]
+        for p in callers:
+            self.addCleanup(lambda p=p: p.poll() is None and p.kill())
+        started = time.monotonic()
+        refused = wait_until(lambda: (lambda d: d if len(d) >= 6 else None)([p for p in callers if p.poll() is not None]),
+                             pk.delay, interval=0.05, what="callers past the bound to be refused")
+        self.assertLess(time.monotonic() - started, pk.delay, "refused only after polkit answered")
+        for p in refused:
+            out, err = p.communicate(timeout=10)
+            self.assertNotEqual(p.returncode, 0, out)
+            self.assertIn("org.freedesktop.DBus.Error.LimitsExceeded", err.decode(), err)
+            self.assertIn("Too many authorization checks are waiting for polkit (64)", err.decode(), err)
+        # Meanwhile the daemon serves, on the old routing.
+        self.assertEqual(self.chat_via(), "alpha")
+        pk.delay = 0
+        results = []
+        for p in callers:
+            if p in refused:
+                continue
+            out, err = p.communicate(timeout=60 * SLOW)
+            results.append(p.returncode)
+        self.assertEqual(len(results), 64)
+        self.assertEqual(results, [0] * 64)
+        self.assertEqual(len(pk.requests), 64)
+        self.assertEqual(self.clients.prop("DefaultProvider"), "beta")
+        self.assertEqual(self.chat_via(), "beta")
+        self.assert_alive(router.pid)
+        router.assert_clean_exit()
+
+    def test_many_mappings_saved_without_blocking(self):
+        """2,000 mappings set as fast as a client can send them: each answered once it is on
+        disk, /health answered meanwhile, all of them back after kill -9."""
+        first = self.launch()
+        client = PipelinedClient(self.bus.socket_path)
+        self.addCleanup(client.close)
+        worst = [0.0]
+        stop = threading.Event()
+
+        def probe():
+            h = http.client.HTTPConnection("127.0.0.1", first.port, timeout=60 * SLOW)
+            while not stop.is_set():
+                t = time.monotonic()
+                h.request("GET", "/health")
+                h.getresponse().read()
+                worst[0] = max(worst[0], time.monotonic() - t)
+                time.sleep(0.005)
+            h.close()
+        prober = threading.Thread(target=probe)
+        prober.start()
+        started = time.monotonic()
+        try:
+            for k in range(20):
+                serials = [client.call("SetModelMapping", "ss", ("bulk-%05d" % i, "beta"))
+                           for i in range(k * 100, k * 100 + 100)]
+                answers = client.wait(serials)
+                self.assertEqual([a[0] for a in answers.values()], ["ok"] * 100, list(answers.values())[:3])
+                if k == 0:
+                    # Answered means saved.
+                    self.assertEqual(len(parse_state(self.state_file)["SetModelMappings"]), 100)
+        finally:
+            stop.set()
+            prober.join()
+        elapsed = time.monotonic() - started
+        print("\n    2,000 SetModelMapping, 100 at a time: %.2f s; longest /health answer meanwhile %.1f ms"
+              % (elapsed, worst[0] * 1000), file=sys.stderr)
+        self.assertLess(worst[0], 1.0 * SLOW)
+        saved = parse_state(self.state_file)["SetModelMappings"]
+        self.assertEqual(len(saved), 2000)
+        self.assertEqual(saved["bulk-01999"], "beta")
+
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(timeout=10 * SLOW)
+        first.kill()
+        wait_until(lambda: not self.clients.has_owner(), 10 * SLOW, interval=0.05, what="the name to be released")
+        second = self.launch()
+        self.assertIn("Restored 2000 routing change(s)", second.log(limit=None))
+        self.assertEqual(len(self.clients.prop("ModelMappings")), 2001)
+        self.assertEqual(self.chat_via(model="bulk-01234"), "beta")
         self.assert_alive(second.pid)
         second.assert_clean_exit()
 

@@ -257,7 +257,9 @@ class ClientFaultTest(FailoverCase):
     def test_slowloris(self):
         """Clients that trickle their headers or body: the others are served meanwhile, and each
         slow one is dropped once ClientTimeoutSec has passed without a whole request."""
-        router = self.start_chain({"alpha": self.alpha.base_url}, keys={"ClientTimeoutSec": "2"})
+        # The raw requests name the host 'x': allowed explicitly (a loopback router answers only
+        # loopback names by default).
+        router = self.start_chain({"alpha": self.alpha.base_url}, keys={"ClientTimeoutSec": "2", "AllowedHosts": "x"})
         body = json.dumps(chat_body("x" * 200)).encode()
         head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 "Content-Length: %d\r\n\r\n" % len(body)).encode()
@@ -353,7 +355,7 @@ class ClientFaultTest(FailoverCase):
             c.close()
 
     def test_pipelining(self):
-        router = self.start_chain({"alpha": self.alpha.base_url})
+        router = self.start_chain({"alpha": self.alpha.base_url}, keys={"AllowedHosts": "x"})
         reqs = []
         for i, mock in enumerate(({"delay_ms": 300}, None, None)):
             b = json.dumps(chat_body("p%d" % i, mock=mock)).encode()

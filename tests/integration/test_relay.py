@@ -588,7 +588,9 @@ class RelayTest(OddCase):
     def test_router_defaults_when_client_sends_none(self):
         for stream, accept in ((False, "application/json"), (True, "text/event-stream")):
             with self.subTest(stream=stream):
-                status, _, payload = self.raw_chat([], chat_body("bare", model="odd-model", stream=stream))
+                # Content-Type the client must send (issue 11.1: a POST that is not JSON is a 415).
+                status, _, payload = self.raw_chat([("Content-Type", "application/json")],
+                                                   chat_body("bare", model="odd-model", stream=stream))
                 self.assertEqual(status, 200, payload[:300])
                 got = dict(self.received(self.last()))
                 self.assertTrue(got["user-agent"].startswith("provider-router/"), got)
@@ -599,7 +601,8 @@ class RelayTest(OddCase):
     def test_many_client_headers(self):
         # As many as the router's head limit lets in: all of them arrive.
         lines = [("X-Many-%03d" % i, "v%d" % i) for i in range(300)]
-        status, _, payload = self.raw_chat(lines, chat_body("many", model="odd-model"))
+        status, _, payload = self.raw_chat([("Content-Type", "application/json")] + lines,
+                                           chat_body("many", model="odd-model"))
         self.assertEqual(status, 200, payload[:300])
         got = [kv for kv in self.received(self.last()) if kv[0].startswith("x-many-")]
         self.assertEqual(got, [(k.lower(), v) for k, v in lines])
@@ -799,12 +802,14 @@ class ModelsCacheTest(OddCase):
 
     N = 300
 
-    def providers(self, a, b, distinct=False):
+    def providers(self, a, b, distinct=False, client_authorization=None):
         out = {}
         for i in range(self.N):
             odd = a if i % 2 == 0 else b
             # Distinct paths on the same server: nothing to share but the connections.
-            out["p%03d" % i] = odd.url() if not distinct else "%s/p%03d/v1" % (odd.origin, i)
+            out["p%03d" % i] = {"BaseURL": odd.url() if not distinct else "%s/p%03d/v1" % (odd.origin, i)}
+            if client_authorization:
+                out["p%03d" % i]["ClientAuthorization"] = client_authorization
         return out
 
     def list_requests(self, *odds):
@@ -812,7 +817,9 @@ class ModelsCacheTest(OddCase):
 
     def test_same_server_asked_once_and_cached(self):
         a, b = self.start_odd("a", models=("a-model",)), self.start_odd("b", models=("b-model",))
-        router = self.router_over(self.providers(a, b), keys={"ModelsCacheSec": "30"})
+        # The providers may be sent the client's key in the merged list (issue 11.2 forbids it
+        # otherwise), to show what a client credential does to the cache.
+        router = self.router_over(self.providers(a, b, client_authorization="always"), keys={"ModelsCacheSec": "30"})
         r = router.request("GET", "/v1/models")
         self.assertEqual(r.status, 200, r)
         self.assertEqual([e["id"] for e in r.json()["data"]][:2], ["a-model", "b-model"])

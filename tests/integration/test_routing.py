@@ -17,8 +17,9 @@ class RoutingTest(SharedRouterTestCase):
     mappings = {"file-model": "beta", "overridden": "alpha", "alpha-alias": "alpha"}
     # The plan's variable beats the file: 'overridden' goes to beta.
     router_env = {"MODEL_MAPPINGS": "env-model:beta, overridden:beta", "BETA_KEY": BETA_KEY}
-    # test_models checks that the providers are asked: no list kept from an earlier test.
-    router_keys = {"ModelsCacheSec": "0"}
+    # CORS is off unless asked for: test_cors_preflight asks. test_models checks that the
+    # providers are asked: no list kept from an earlier test.
+    router_keys = {"CORSAllowOrigin": "*", "ModelsCacheSec": "0"}
 
     @classmethod
     def extra_providers(cls):

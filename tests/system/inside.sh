@@ -136,6 +136,35 @@ check "Type=notify: the service reports its status" \
 check "the watchdog is armed (WatchdogSec=30s)" \
         sh -c '[ "$(systemctl show -P WatchdogUSec provider-router.service)" = 30s ]'
 
+# ---- the installed defaults keep web pages out (issue 11) --------------------------------
+web_body='{"model":"echo","messages":[{"role":"user","content":"from a web page"}]}'
+cross_origin_refused() {
+        local code
+        # A preflight and a plain cross-origin POST: answered, but with no CORS header, so the
+        # browser shows the page nothing.
+        curl -s --max-time 10 -X OPTIONS -D "$tmp/preflight.headers" -o /dev/null -H 'Origin: http://evil.example' \
+                -H 'Access-Control-Request-Method: POST' "$url/v1/chat/completions" || return 1
+        curl -s --max-time 10 -D "$tmp/cors.headers" -o /dev/null -H 'Origin: http://evil.example' \
+                -H 'Content-Type: application/json' -H 'X-Provider: echo' -d "$web_body" "$url/v1/chat/completions" || return 1
+        if grep -qi '^Access-Control-' "$tmp/preflight.headers" "$tmp/cors.headers"; then
+                cat "$tmp/preflight.headers" "$tmp/cors.headers"
+                return 1
+        fi
+        # A POST a page may send without a preflight (text/plain) is refused.
+        code=$(curl -s --max-time 10 -o "$tmp/simple.body" -w '%{http_code}' -H 'Origin: http://evil.example' \
+                -H 'Content-Type: text/plain' -d "$web_body" "$url/v1/chat/completions")
+        [ "$code" = 415 ] || { echo "text/plain POST: $code"; cat "$tmp/simple.body"; return 1; }
+}
+rebinding_refused() {
+        local code
+        code=$(curl -s --max-time 10 -o "$tmp/rebind.body" -w '%{http_code}' -H 'Host: evil.example:3001' \
+                -H 'Content-Type: application/json' -H 'X-Provider: echo' -d "$web_body" "$url/v1/chat/completions")
+        [ "$code" = 403 ] && grep -q 'Host not allowed' "$tmp/rebind.body" || { echo "$code"; cat "$tmp/rebind.body"; return 1; }
+}
+check "the installed defaults send no CORS header to a cross-origin page and refuse a text/plain POST (415)" \
+        cross_origin_refused
+check "the installed defaults refuse a rebinding Host: evil.example:3001 (403)" rebinding_refused
+
 # ---- a loopback mock provider with an API key from a systemd credential -----------------
 systemd-run --quiet --unit=pr-mock-provider -p DynamicUser=yes \
         /payload/mock-provider --port "$mock_port" --name mock --quiet
@@ -219,6 +248,32 @@ long_model_in_journal() {
 }
 check "a request with a 10 KB model name has its journal entry (journalctl REQUEST_ID=$long_rid), the name cut and marked" \
         wait_for 10 long_model_in_journal
+
+# ---- a comparison, in the journal and on the bus (issue 12) ----------------------------------
+compare_request() {
+        curl -sf --max-time 30 -H 'Content-Type: application/json' -H 'X-Provider: mock' -H 'X-Compare: mock' \
+                -D "$tmp/cmp.headers" -o /dev/null \
+                -d '{"model":"m-compare","messages":[{"role":"user","content":"compare me"}]}' "$url/v1/chat/completions"
+}
+check "a request asking for a comparison (X-Compare: mock) is answered" compare_request
+cmp_rid=$(header cmp X-Request-Id)
+comparison_in_journal() {
+        local out f
+        out=$(journalctl MESSAGE_ID=3f0a1c9e6b2d4e8f9a7c5b1d2e4f6a80 PROVIDER=mock REQUEST_ID="$cmp_rid" -o export --no-pager 2>/dev/null)
+        for f in MODEL=m-compare ORIGIN=x-compare SIMILARITY=1.0000 PRIMARY_PROVIDER=mock MIRROR_PROVIDER=mock \
+                 PRIMARY_STATUS=200 MIRROR_STATUS=200 PRIMARY_TTFB_USEC= MIRROR_TTFB_USEC= PRIMARY_DURATION_USEC= \
+                 MIRROR_DURATION_USEC= PRIMARY_PROMPT_TOKENS= MIRROR_COMPLETION_TOKENS= PRIMARY_TOKENS_PER_SEC= \
+                 PRIMARY_FINISH_REASON=stop MIRROR_FINISH_REASON=stop PRIMARY_ANSWER_LENGTH= MIRROR_ANSWER_LENGTH=; do
+                printf '%s\n' "$out" | grep -q "^$f" || { echo "no $f in: $out"; return 1; }
+        done
+}
+check "journalctl MESSAGE_ID=3f0a1c9e… PROVIDER=mock shows the comparison ($cmp_rid) with every field" \
+        wait_for 10 comparison_in_journal
+comparison_on_bus() {
+        busctl --json=short call org.providerrouter.Router1 /org/providerrouter/Router1 \
+                org.providerrouter.Router1 GetComparisons u 5 | grep -q "$cmp_rid"
+}
+check "... and GetComparisons lists it" comparison_on_bus
 
 # ---- who may do what on the bus --------------------------------------------------------
 as_nobody() { setpriv --reuid=nobody --regid=nogroup --clear-groups "$@"; }
@@ -442,7 +497,8 @@ tokens_enforced() {
         timeout 60 systemctl restart provider-router.service &&
                 [ "$(http_code -H 'X-Provider: echo' -d "$body" "$url/v1/chat/completions")" = 401 ] &&
                 [ "$(http_code -H 'X-Provider: echo' -H 'Authorization: Bearer wrong' -d "$body" "$url/v1/chat/completions")" = 401 ] &&
-                [ "$(http_code -H 'X-Provider: echo' -H 'Authorization: Bearer system-test-client-token' -d "$body" "$url/v1/chat/completions")" = 200 ] &&
+                [ "$(http_code -H 'X-Provider: echo' -H 'Authorization: Bearer system-test-client-token' \
+                        -H 'Content-Type: application/json' -d "$body" "$url/v1/chat/completions")" = 200 ] &&
                 [ "$(http_code "$url/health")" = 200 ]
 }
 check "client tokens from /etc/credstore: 401 without or with a wrong token, 200 with it, /health open" tokens_enforced

@@ -1326,7 +1326,7 @@ END_TEST
  * with a linear lookup, 50,000 of them took about 30 s; with the table, well under one. */
 START_TEST(test_many_providers_load_fast) {
         const unsigned n = 50000;
-        g_autoptr(GString) text = g_string_new("[Router]\nDefaultProvider=p0\n");
+        g_autoptr(GString) text = g_string_new("[Router]\nDefaultProvider=p0\nMaxRoutes=100000\n");
         g_autofree char *path = NULL;
         ConfigSources src = {};
         g_autoptr(Config) c = NULL;
@@ -1387,6 +1387,15 @@ static void check_no_fallbacks(const Config *c, const ProviderConfig *p) {
         ck_assert_ptr_null(p->fallbacks);
 }
 
+static void check_no_cors(const Config *c, const ProviderConfig *p) {
+        /* "Default: empty": no CORS headers at all. */
+        ck_assert_ptr_null(c->cors_allow_origin);
+}
+
+static void check_no_allowed_hosts(const Config *c, const ProviderConfig *p) {
+        ck_assert_ptr_null(c->allowed_hosts);
+}
+
 #define ROUTER(k, f, t) { "Router", k, t, offsetof(Config, f), NULL, NULL }
 #define PROVIDER(k, f, t) { "Provider", k, t, offsetof(ProviderConfig, f), NULL, NULL }
 
@@ -1412,7 +1421,11 @@ static const DocumentedDefault documented_defaults[] = {
         ROUTER("MaxHeaderSize", max_header_size, FIELD_U64),
         ROUTER("StreamBufferSize", stream_buffer_size, FIELD_U64),
         ROUTER("MaxConnections", max_connections, FIELD_UNSIGNED),
-        ROUTER("CORSAllowOrigin", cors_allow_origin, FIELD_STRING),
+        { "Router", "CORSAllowOrigin", FIELD_NONE, 0, "empty", check_no_cors },
+        { "Router", "AllowedHosts", FIELD_NONE, 0, "empty", check_no_allowed_hosts },
+        ROUTER("MaxBufferedSize", max_buffered_size, FIELD_U64),
+        ROUTER("MaxRoutes", max_routes, FIELD_UNSIGNED),
+        PROVIDER("ClientAuthorization", client_authorization, FIELD_INT),
         { "Router", "ClientTokensCredential", FIELD_NONE, 0, "unset, every client is served", check_no_client_tokens },
         { "Router", "ClientTokensFile", FIELD_NONE, 0, "unset, every client is served", check_no_client_tokens },
         ROUTER("FailureThreshold", failure_threshold, FIELD_UNSIGNED),
@@ -1790,6 +1803,97 @@ START_TEST(test_models_cache_sec) {
 }
 END_TEST
 
+/* Issue 11: what a web page or a client could use is off unless configured. */
+START_TEST(test_safe_defaults) {
+        g_autoptr(Config) c = config_new_default();
+
+        ck_assert_ptr_null(c->cors_allow_origin);
+        ck_assert_ptr_null(c->allowed_hosts);
+        ck_assert_uint_eq(c->max_buffered_size, 256 * 1024 * 1024);
+        ck_assert_uint_eq(c->max_routes, 10000);
+}
+END_TEST
+
+START_TEST(test_max_buffered_size) {
+        g_autofree char *path = write_conf("a.conf", "[Router]\nMaxBufferedSize=1G\n");
+        g_autofree char *small = write_conf("b.conf", "[Router]\nMaxBufferedSize=4M\n");
+        g_autofree char *bad = write_conf("c.conf", "[Router]\nMaxBufferedSize=1K\n");
+        ConfigSources src = { .path = path }, src_small = { .path = small }, src_bad = { .path = bad };
+        g_autoptr(Config) c = load_ok(&src, NULL);
+        g_autoptr(GPtrArray) warnings = NULL;
+        g_autoptr(Config) c2 = load_ok(&src_small, &warnings);
+        g_autoptr(GPtrArray) errors = load_fail(&src_bad);
+
+        ck_assert_uint_eq(c->max_buffered_size, 1024 * 1024 * 1024);
+        ck_assert_uint_eq(c2->max_buffered_size, 4 * 1024 * 1024);
+        assert_message(warnings, "MaxBufferedSize=4194304 is smaller than MaxBodySize=8388608");
+        assert_message(errors, "MaxBufferedSize='1K' is not a size");
+}
+END_TEST
+
+START_TEST(test_allowed_hosts) {
+        g_autofree char *path = write_conf("a.conf",
+                "[Router]\n"
+                "AllowedHosts=My-Box.LAN  [FD00::1] box.example. *\n");
+        ConfigSources src = { .path = path };
+        g_autoptr(Config) c = load_ok(&src, NULL);
+
+        ck_assert_ptr_nonnull(c->allowed_hosts);
+        ck_assert_str_eq(c->allowed_hosts[0], "my-box.lan");
+        ck_assert_str_eq(c->allowed_hosts[1], "fd00::1");
+        ck_assert_str_eq(c->allowed_hosts[2], "box.example");
+        ck_assert_str_eq(c->allowed_hosts[3], "*");
+        ck_assert_ptr_null(c->allowed_hosts[4]);
+}
+END_TEST
+
+START_TEST(test_allowed_hosts_invalid) {
+        g_autofree char *path = write_conf("a.conf",
+                "[Router]\n"
+                "AllowedHosts=good.example bad/host\n");
+        ConfigSources src = { .path = path };
+        g_autoptr(GPtrArray) errors = load_fail(&src);
+
+        assert_message(errors, "AllowedHosts= contains 'bad/host', which is not a host name or address");
+}
+END_TEST
+
+START_TEST(test_client_authorization) {
+        g_autofree char *path = write_conf("a.conf",
+                "[Provider a]\nBaseURL=http://127.0.0.1:1/v1\n"
+                "[Provider b]\nBaseURL=http://127.0.0.1:2/v1\nClientAuthorization=always\n"
+                "[Provider c]\nBaseURL=http://127.0.0.1:3/v1\nClientAuthorization=never\n"
+                "[Router]\nDefaultProvider=a\n");
+        g_autofree char *bad = write_conf("b.conf",
+                "[Provider a]\nBaseURL=http://127.0.0.1:1/v1\nClientAuthorization=sometimes\n"
+                "[Router]\nDefaultProvider=a\n");
+        ConfigSources src = { .path = path }, src_bad = { .path = bad };
+        g_autoptr(Config) c = load_ok(&src, NULL);
+        g_autoptr(GPtrArray) errors = load_fail(&src_bad);
+
+        ck_assert_int_eq(config_find_provider(c, "a")->client_authorization, CLIENT_AUTHORIZATION_ROUTED);
+        ck_assert_int_eq(config_find_provider(c, "b")->client_authorization, CLIENT_AUTHORIZATION_ALWAYS);
+        ck_assert_int_eq(config_find_provider(c, "c")->client_authorization, CLIENT_AUTHORIZATION_NEVER);
+        assert_message(errors, "ClientAuthorization='sometimes' must be routed, always or never");
+        ck_assert_str_eq(client_authorization_to_string(CLIENT_AUTHORIZATION_ALWAYS), "always");
+        ck_assert_ptr_null(client_authorization_to_string(_CLIENT_AUTHORIZATION_MAX));
+}
+END_TEST
+
+START_TEST(test_max_routes) {
+        g_autofree char *path = write_conf("a.conf", "[Router]\nMaxRoutes=2\n[ModelMappings]\na=echo\nb=echo\n");
+        g_autofree char *over = write_conf("b.conf", "[Router]\nMaxRoutes=1\n[ModelMappings]\na=echo\nb=echo\n");
+        g_autofree char *bad = write_conf("c.conf", "[Router]\nMaxRoutes=0\n");
+        ConfigSources src = { .path = path }, src_over = { .path = over }, src_bad = { .path = bad };
+        g_autoptr(Config) c = load_ok(&src, NULL);
+        g_autoptr(GPtrArray) errors = load_fail(&src_over), errors_bad = load_fail(&src_bad);
+
+        ck_assert_uint_eq(c->max_routes, 2);
+        assert_message(errors, "2 model mappings are configured, more than MaxRoutes=1");
+        assert_message(errors_bad, "MaxRoutes='0' must be between 1 and 10000000");
+}
+END_TEST
+
 static Suite *config_suite(void) {
         Suite *s = suite_create("config");
         TCase *tc;
@@ -1887,6 +1991,16 @@ static Suite *config_suite(void) {
         tcase_add_test(tc, test_names);
         tcase_add_test(tc, test_provider_kind_strings);
         tcase_add_test(tc, test_provider_config_refcount);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("safe-by-default");
+        tcase_add_checked_fixture(tc, setup, teardown);
+        tcase_add_test(tc, test_safe_defaults);
+        tcase_add_test(tc, test_allowed_hosts);
+        tcase_add_test(tc, test_allowed_hosts_invalid);
+        tcase_add_test(tc, test_client_authorization);
+        tcase_add_test(tc, test_max_buffered_size);
+        tcase_add_test(tc, test_max_routes);
         suite_add_tcase(s, tc);
 
         return s;
