@@ -60,6 +60,9 @@ void log_setup(void) {
         target = stderr_is_journal() ? LOG_TARGET_JOURNAL : LOG_TARGET_STDERR;
 }
 
+static void (*buffered_func)(void *userdata) = NULL;
+static void *buffered_userdata = NULL;
+
 void log_buffer_requests(void) {
         static char buffer[64 * 1024];
 
@@ -67,6 +70,17 @@ void log_buffer_requests(void) {
          * log_flush()); under load one write() carries many requests. Other messages flush at
          * once. */
         (void) setvbuf(stderr, buffer, _IOFBF, sizeof(buffer));
+}
+
+void log_on_buffered(void (*func)(void *userdata), void *userdata) {
+        buffered_func = func;
+        buffered_userdata = userdata;
+}
+
+/* A line waits in stderr's buffer. */
+static void log_buffered(void) {
+        if (buffered_func)
+                buffered_func(buffered_userdata);
 }
 
 void log_flush(void) {
@@ -462,6 +476,7 @@ void log_request(const RequestLogEntry *e, int level) {
 
         message_buf[len++] = '\n';
         (void) fwrite(message_buf, 1, len, stderr);
+        log_buffered();
         if (e->response_body) {
                 char body_buf[LOG_RESPONSE_BODY_MAX + 128];
                 Text b = { .p = body_buf, .size = sizeof(body_buf) };
@@ -503,4 +518,5 @@ void log_structured(int level, const char *message_id, const char *message, cons
         text_escaped_str(&t, message, LOG_MESSAGE_MAX, false);
         text_mem(&t, "\n", 1);
         (void) fwrite(out, 1, t.len, stderr);
+        log_buffered();
 }

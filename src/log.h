@@ -15,8 +15,10 @@ typedef enum LogTarget {
 
 void log_setup(void);
 /* Buffer request lines on stderr until log_flush(), which the event loop calls once per
- * iteration. */
+ * iteration that logged something. */
 void log_buffer_requests(void);
+/* func is told each time a line is left in the buffer (it arranges for log_flush()); NULL: no one. */
+void log_on_buffered(void (*func)(void *userdata), void *userdata);
 void log_flush(void);
 LogTarget log_get_target(void);
 void log_set_max_level(int level);

@@ -225,6 +225,7 @@ void manager_begin_shutdown(Manager *m) {
         if (m->stopping)
                 return;
         m->stopping = true;
+        (void) sd_event_source_set_enabled(m->post, SD_EVENT_ON);
         manager_publish(m);
         (void) sd_notify(false, "STOPPING=1\nSTATUS=Finishing requests in flight…");
         log_info("Stopping: no new connections; waiting for %u request(s) in flight.",
@@ -266,8 +267,10 @@ static int manager_on_sighup(sd_event_source *s, const struct signalfd_siginfo *
         return 0;
 }
 
-/* Runs after every loop iteration: log lines go out in one write, and a stopping daemon sees
- * whether the last request has ended. */
+/* Runs after a loop iteration that logged (the log lines go out in one write), and after every
+ * iteration of a stopping daemon (has the last request ended?). A post source pending costs a
+ * loop iteration of its own, so it is not left on when there is nothing to do: a stream event
+ * relayed logs nothing. */
 static int manager_on_post(sd_event_source *s, void *userdata) {
         Manager *m = userdata;
 
@@ -275,6 +278,13 @@ static int manager_on_post(sd_event_source *s, void *userdata) {
         if (m->stopping)
                 manager_check_done(m);
         return 0;
+}
+
+static void manager_on_log_buffered(void *userdata) {
+        Manager *m = userdata;
+
+        if (!m->stopping)
+                (void) sd_event_source_set_enabled(m->post, SD_EVENT_ONESHOT);
 }
 
 static void raise_fd_limit(void) {
@@ -338,6 +348,9 @@ Manager *manager_free(Manager *m) {
         m->worker.comparisons = compare_store_free(m->worker.comparisons);
         m->worker.models_cache = models_cache_free(m->worker.models_cache);
         sd_event_source_disable_unref(m->shutdown_timer);
+        log_on_buffered(NULL, NULL);
+        log_flush();
+        m->post = sd_event_source_disable_unref(m->post);
         if (m->providers)
                 provider_set_retire(m->providers);
         router_free(m->router);
@@ -365,11 +378,14 @@ int manager_start(Manager *m) {
         if (r < 0)
                 return log_error_errno(r, "Failed to watch signals: %m");
 
-        if (log_get_target() == LOG_TARGET_STDERR)
-                log_buffer_requests();
-        r = sd_event_add_post(m->event, NULL, manager_on_post, m);
+        r = sd_event_add_post(m->event, &m->post, manager_on_post, m);
         if (r < 0)
                 return log_error_errno(r, "Failed to set up log flushing: %m");
+        (void) sd_event_source_set_enabled(m->post, SD_EVENT_OFF);
+        (void) sd_event_source_set_description(m->post, "log-flush");
+        log_on_buffered(manager_on_log_buffered, m);
+        if (log_get_target() == LOG_TARGET_STDERR)
+                log_buffer_requests();
 
         /* Feeds the watchdog from the loop itself, so a stuck loop is noticed. */
         r = sd_event_set_watchdog(m->event, true);

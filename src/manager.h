@@ -52,6 +52,7 @@ struct Manager {
         GArray *listeners;           /* ManagerListener */
         bool stopping;
         sd_event_source *shutdown_timer;
+        sd_event_source *post;       /* log flushing, and the end of a shutdown: on when needed */
 };
 
 int manager_new(const ManagerOptions *options, Manager **ret);
