@@ -32,6 +32,8 @@ struct CurlGlue {
         GPtrArray *pool;          /* idle CurlHandle*, least recently used first */
         CurlSocket *sockets;      /* by fd */
         size_t n_sockets;
+        void (*after)(void *userdata);
+        void *after_userdata;
 };
 
 #define CURL_TIMER_ACCURACY USEC_PER_MSEC
@@ -116,6 +118,8 @@ static int curl_glue_on_epoll(sd_event_source *s, int fd, uint32_t revents, void
                 if (n < (int) ELEMENTSOF(events))
                         break;
         }
+        if (g->after)
+                g->after(g->after_userdata);
         return 0;
 }
 
@@ -164,11 +168,17 @@ static int curl_glue_on_timer(sd_event_source *s, uint64_t usec, void *userdata)
 
         g->deadline = USEC_INFINITY;
         curl_glue_run_timeout(g);
+        if (g->after)
+                g->after(g->after_userdata);
         return 0;
 }
 
 static int curl_glue_on_defer(sd_event_source *s, void *userdata) {
-        curl_glue_run_timeout(userdata);
+        CurlGlue *g = userdata;
+
+        curl_glue_run_timeout(g);
+        if (g->after)
+                g->after(g->after_userdata);
         return 0;
 }
 
@@ -388,6 +398,11 @@ int curl_glue_set_url(CurlHandle *h, const char *url) {
                 return -EIO;
         h->url_set = true;
         return 0;
+}
+
+void curl_glue_set_after(CurlGlue *g, void (*func)(void *userdata), void *userdata) {
+        g->after = func;
+        g->after_userdata = userdata;
 }
 
 int curl_glue_add(CurlGlue *g, CURL *easy, CurlSlot *slot) {

@@ -44,6 +44,11 @@ void curl_glue_release(CurlGlue *g, CurlHandle *h, bool clean);
 /* CURLOPT_CURLU for url, parsed only when it differs from the handle's last one. */
 int curl_glue_set_url(CurlHandle *h, const char *url);
 
+/* func runs after curl's callbacks of each event it handled (data, a finished transfer), outside
+ * of them: where the owner hands what they produced on at once (to libmicrohttpd), rather than in
+ * another loop iteration. */
+void curl_glue_set_after(CurlGlue *g, void (*func)(void *userdata), void *userdata);
+
 int curl_glue_add(CurlGlue *g, CURL *easy, CurlSlot *slot);
 /* Not from inside a curl callback. */
 void curl_glue_remove(CurlGlue *g, CURL *easy);

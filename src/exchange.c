@@ -777,6 +777,10 @@ ExchangeFront *exchange_front_free(ExchangeFront *f) {
         return NULL;
 }
 
+void exchange_front_flush(ExchangeFront *f) {
+        http_server_flush(f->http);
+}
+
 void exchange_front_quiesce(ExchangeFront *f) {
         f->quiesced = true;
         http_server_quiesce(f->http);

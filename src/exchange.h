@@ -46,6 +46,8 @@ ExchangeFront *exchange_front_free(ExchangeFront *f);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(ExchangeFront, exchange_front_free)
 /* Stop accepting connections; those open finish. */
 void exchange_front_quiesce(ExchangeFront *f);
+/* Hands what the handlers wrote since to libmicrohttpd now (see http_server_flush()). */
+void exchange_front_flush(ExchangeFront *f);
 unsigned exchange_front_count(const ExchangeFront *f);
 bool exchange_front_socket_activated(const ExchangeFront *f);
 /* Only this machine can connect (see http_server_loopback_only()). */

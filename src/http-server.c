@@ -130,6 +130,16 @@ void http_server_wake(HttpServer *s) {
         (void) sd_event_source_set_enabled(s->wake, SD_EVENT_ONESHOT);
 }
 
+void http_server_flush(HttpServer *s) {
+        int enabled = SD_EVENT_OFF;
+
+        (void) sd_event_source_get_enabled(s->wake, &enabled);
+        if (enabled == SD_EVENT_OFF)
+                return;
+        (void) sd_event_source_set_enabled(s->wake, SD_EVENT_OFF);
+        http_server_run(s);
+}
+
 static void mhd_logger(void *cls, const char *fmt, va_list ap) {
         char buf[512];
         size_t n;

@@ -29,6 +29,10 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(HttpServer, http_server_free)
 /* In external-epoll mode MHD does not notice resumed connections by itself: this runs it again
  * once the current event has been handled. Call after MHD_resume_connection(). */
 void http_server_wake(HttpServer *s);
+/* Runs MHD now if http_server_wake() asked for a run, rather than in a loop iteration of its own.
+ * For the end of another source's dispatch (curl's: its data just resumed a connection). Not
+ * from inside an MHD callback. */
+void http_server_flush(HttpServer *s);
 
 void http_server_quiesce(HttpServer *s);
 bool http_server_socket_activated(HttpServer *s);

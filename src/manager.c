@@ -280,6 +280,14 @@ static int manager_on_post(sd_event_source *s, void *userdata) {
         return 0;
 }
 
+/* What curl's data produced for clients goes to libmicrohttpd in the same loop iteration. */
+static void manager_after_curl(void *userdata) {
+        Manager *m = userdata;
+
+        if (m->worker.front)
+                exchange_front_flush(m->worker.front);
+}
+
 static void manager_on_log_buffered(void *userdata) {
         Manager *m = userdata;
 
@@ -407,7 +415,11 @@ int manager_start(Manager *m) {
                 .ops = &dispatch_ops,
                 .userdata = &m->worker,
         };
-        return exchange_front_new(m->event, &fs, &m->worker.front);
+        r = exchange_front_new(m->event, &fs, &m->worker.front);
+        if (r < 0)
+                return r;
+        curl_glue_set_after(m->curl, manager_after_curl, m);
+        return 0;
 }
 
 void manager_ready(Manager *m) {
