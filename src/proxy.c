@@ -1,5 +1,8 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #include <inttypes.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 #include "compare.h"
 #include "echo.h"
@@ -147,9 +150,68 @@ static void add_upstream_headers(Proxy *px, bool stream) {
         }
 }
 
+/* What on_sse_event() looks for in every event of a stream, found in one pass. */
+typedef struct EventMarks {
+        bool response_done;         /* "response.completed", "response.incomplete" or "response.failed" */
+        const char *finish_reason;  /* the first "\"finish_reason\"", or NULL */
+        bool usage;                 /* "\"usage\"" */
+} EventMarks;
+
+static void event_mark_at(const char *p, const char *end, EventMarks *m) {
+        size_t left = (size_t) (end - p);
+
+        if (*p == '"') {
+                if (!m->finish_reason && left >= STRLEN("\"finish_reason\"") &&
+                    memcmp(p, "\"finish_reason\"", STRLEN("\"finish_reason\"")) == 0)
+                        m->finish_reason = p;
+                else if (left >= STRLEN("\"usage\"") && memcmp(p, "\"usage\"", STRLEN("\"usage\"")) == 0)
+                        m->usage = true;
+        } else if (left >= STRLEN("response.") && memcmp(p, "response.", STRLEN("response.")) == 0) {
+                const char *t = p + STRLEN("response.");
+
+                left -= STRLEN("response.");
+                if ((left >= STRLEN("completed") && memcmp(t, "completed", STRLEN("completed")) == 0) ||
+                    (left >= STRLEN("incomplete") && memcmp(t, "incomplete", STRLEN("incomplete")) == 0) ||
+                    (left >= STRLEN("failed") && memcmp(t, "failed", STRLEN("failed")) == 0))
+                        m->response_done = true;
+        }
+}
+
+/* One pass instead of a memmem() per word: a candidate is a '"' followed by 'f' or 'u', or an 'r'
+ * followed by 'e', and only candidates are compared in full (sixteen positions at a time with
+ * SSE2). */
+static void event_marks(const char *event, size_t size, EventMarks *ret) {
+        const char *p = event, *end = event + size;
+        EventMarks m = {};
+
+#ifdef __SSE2__
+        const __m128i quote = _mm_set1_epi8('"'), r = _mm_set1_epi8('r');
+        const __m128i f = _mm_set1_epi8('f'), u = _mm_set1_epi8('u'), e = _mm_set1_epi8('e');
+
+        while (end - p >= 17) {
+                __m128i v = _mm_loadu_si128((const __m128i *) (const void *) p);
+                __m128i w = _mm_loadu_si128((const __m128i *) (const void *) (p + 1));
+                __m128i c = _mm_or_si128(_mm_and_si128(_mm_cmpeq_epi8(v, quote),
+                                                       _mm_or_si128(_mm_cmpeq_epi8(w, f), _mm_cmpeq_epi8(w, u))),
+                                         _mm_and_si128(_mm_cmpeq_epi8(v, r), _mm_cmpeq_epi8(w, e)));
+                unsigned mask = (unsigned) _mm_movemask_epi8(c);
+
+                while (mask != 0) {
+                        event_mark_at(p + __builtin_ctz(mask), end, &m);
+                        mask &= mask - 1;
+                }
+                p += 16;
+        }
+#endif
+        for (; p + 1 < end; p++)
+                if ((p[0] == '"' && (p[1] == 'f' || p[1] == 'u')) || (p[0] == 'r' && p[1] == 'e'))
+                        event_mark_at(p, end, &m);
+        *ret = m;
+}
+
 /* Does this event say the answer is complete — [DONE] aside, which the scanner notes? A provider
  * that stops without saying so cut it. An error event is the provider's own last word. */
-static bool event_completes(const char *event, size_t size) {
+static bool event_completes(const char *event, size_t size, const EventMarks *m) {
         const char *f, *data;
         size_t n;
 
@@ -162,19 +224,9 @@ static bool event_completes(const char *event, size_t size) {
                         return true;
         }
 
-        /* "response.completed", "response.incomplete" or "response.failed": one search for what
-         * they have in common (every event of a stream goes through here). */
-        for (const char *r = event, *end = event + size;
-             (r = memmem(r, (size_t) (end - r), "response.", STRLEN("response."))); r += STRLEN("response.")) {
-                const char *t = r + STRLEN("response.");
-                size_t left = (size_t) (end - t);
-
-                if ((left >= STRLEN("completed") && memcmp(t, "completed", STRLEN("completed")) == 0) ||
-                    (left >= STRLEN("incomplete") && memcmp(t, "incomplete", STRLEN("incomplete")) == 0) ||
-                    (left >= STRLEN("failed") && memcmp(t, "failed", STRLEN("failed")) == 0))
-                        return true;
-        }
-        f = memmem(event, size, "\"finish_reason\"", STRLEN("\"finish_reason\""));
+        if (m->response_done)
+                return true;
+        f = m->finish_reason;
         if (!f)
                 return false;
         f += STRLEN("\"finish_reason\"");
@@ -186,15 +238,17 @@ static bool event_completes(const char *event, size_t size) {
 static void on_sse_event(const char *event, size_t size, void *userdata) {
         Proxy *px = userdata;
         RequestRecord *rec = &px->request->record;
+        EventMarks marks;
         uint64_t p, c;
 
-        if (!px->complete && event_completes(event, size))
+        event_marks(event, size, &marks);
+        if (!px->complete && event_completes(event, size, &marks))
                 px->complete = true;
         if (px->jobs)
                 answer_reader_event(&px->primary_reader, event, size);
 
         /* The usage totals come in the last chunk, when the client asked for them. */
-        if (memmem(event, size, "\"usage\"", STRLEN("\"usage\""))) {
+        if (marks.usage) {
                 g_autoptr(GString) data = sse_event_data_joined(event, size);
                 if (data && data->len > 0 && data->str[0] == '{' && inspect_usage(data->str, data->len, &p, &c) >= 0) {
                         rec->prompt_tokens = p;
