@@ -22,7 +22,7 @@ struct Upstream {
         bool paused;
         bool stream;
         bool in_callback;
-        GPtrArray *response_headers;  /* name, value, name, value, …, NULL */
+        GPtrArray *response_headers;  /* name, value, name, value, …, NULL; made when needed */
         char *content_type;
         char *retry_after;
         char *request_id;             /* the provider's x-request-id */
@@ -460,6 +460,12 @@ static bool request_id_is_sane(const char *value, size_t n) {
         return true;
 }
 
+static GPtrArray *upstream_response_headers(Upstream *u) {
+        if (!u->response_headers)
+                u->response_headers = g_ptr_array_new_with_free_func(g_free);
+        return u->response_headers;
+}
+
 static size_t upstream_header_cb(char *buffer, size_t size, size_t nitems, void *userdata) {
         Upstream *u = userdata;
         size_t n = size * nitems, name_len, value_len;
@@ -470,7 +476,7 @@ static size_t upstream_header_cb(char *buffer, size_t size, size_t nitems, void 
         case UPSTREAM_HEAD_STATUS:
                 /* A new status line: an interim 1xx answer may have come before. */
                 u->status = status;
-                if (u->response_headers->len > 0)
+                if (u->response_headers && u->response_headers->len > 0)
                         g_ptr_array_set_size(u->response_headers, 0);
                 g_clear_pointer(&u->content_type, g_free);
                 g_clear_pointer(&u->retry_after, g_free);
@@ -479,7 +485,7 @@ static size_t upstream_header_cb(char *buffer, size_t size, size_t nitems, void 
         case UPSTREAM_HEAD_END:
                 if (u->status >= 200 && !u->headers_done) {
                         u->headers_done = true;
-                        g_ptr_array_add(u->response_headers, NULL);
+                        g_ptr_array_add(upstream_response_headers(u), NULL);
                         u->ops->on_response(u, u->userdata);
                 }
                 return n;
@@ -501,8 +507,10 @@ static size_t upstream_header_cb(char *buffer, size_t size, size_t nitems, void 
         }
 
         if (header_is_passed(buffer, name_len)) {
-                g_ptr_array_add(u->response_headers, g_strndup(buffer, name_len));
-                g_ptr_array_add(u->response_headers, g_strndup(value, value_len));
+                GPtrArray *h = upstream_response_headers(u);
+
+                g_ptr_array_add(h, g_strndup(buffer, name_len));
+                g_ptr_array_add(h, g_strndup(value, value_len));
         }
         return n;
 }
@@ -620,7 +628,6 @@ int upstream_start(CurlGlue *glue, sd_event *event, const UpstreamRequest *req, 
         u->first_byte_timeout = req->first_byte_timeout;
         u->total_timeout = req->total_timeout;
         u->idle_timeout = req->idle_timeout;
-        u->response_headers = g_ptr_array_new_with_free_func(g_free);
         u->slot = (CurlSlot) { .done = upstream_done, .userdata = u };
 
         /* A handle this provider's transfers used before keeps the options that never change
@@ -688,7 +695,8 @@ Upstream *upstream_free(Upstream *u) {
         curl_glue_release(u->glue, u->handle, u->clean);
         upstream_headers_free(u->headers, u->headers_size);
         sd_event_source_disable_unref(u->timer);
-        g_ptr_array_unref(u->response_headers);
+        if (u->response_headers)
+                g_ptr_array_unref(u->response_headers);
         g_free(u->content_type);
         g_free(u->retry_after);
         g_free(u->request_id);
@@ -697,10 +705,13 @@ Upstream *upstream_free(Upstream *u) {
 }
 
 GPtrArray *upstream_steal_headers(Upstream *u) {
-        GPtrArray *h = u->response_headers;
+        GPtrArray *h = TAKE_PTR(u->response_headers);
 
-        u->response_headers = g_ptr_array_new_with_free_func(g_free);
-        if (!u->headers_done)
+        /* The transfer keeps none; a new head starts a new array. NULL-terminated, as ever. */
+        if (!h) {
+                h = g_ptr_array_new_with_free_func(g_free);
+                g_ptr_array_add(h, NULL);
+        } else if (!u->headers_done)
                 g_ptr_array_add(h, NULL);
         return h;
 }
