@@ -8,9 +8,10 @@
 #include "exchange.h"
 #include "log.h"
 
-/* What MHD asks a stream's reader for at once; it keeps a buffer this size per streaming
- * connection. */
-#define STREAM_BLOCK_SIZE (4 * 1024)
+/* The buffer MHD keeps with a stream's answer (zeroed, so every byte of it is resident). For
+ * HTTP/1.1 clients it goes unused: libmicrohttpd 0.9 has the reader fill its connection's write
+ * buffer for each chunk. Only an HTTP/1.0 client's stream is read through it, in pieces this size. */
+#define STREAM_BLOCK_SIZE 1024
 /* A body announced larger than this is not allocated up front: it grows as it arrives. */
 #define BODY_PREALLOC_MAX (64 * 1024)
 
