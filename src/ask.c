@@ -33,17 +33,7 @@ static char *ask_body(const char *model, const char *prompt) {
         g_autoptr(JsonBuilder) b = json_builder_new_immutable();
 
         json_builder_begin_object(b);
-        json_builder_set_member_name(b, "model");
-        json_builder_add_string_value(b, model);
-        json_builder_set_member_name(b, "messages");
-        json_builder_begin_array(b);
-        json_builder_begin_object(b);
-        json_builder_set_member_name(b, "role");
-        json_builder_add_string_value(b, "user");
-        json_builder_set_member_name(b, "content");
-        json_builder_add_string_value(b, prompt);
-        json_builder_end_object(b);
-        json_builder_end_array(b);
+        json_builder_add_chat(b, model, prompt);
         json_builder_end_object(b);
         return json_builder_to_string(b, NULL);
 }

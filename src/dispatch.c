@@ -393,9 +393,7 @@ void *dispatch_start(Exchange *x, void *userdata) {
                  * escaped NUL is no path of anyone's. */
                 r->subpath = r->subpath_buf = g_uri_unescape_string(exchange_path(x) + STRLEN("/v1"), NULL);
                 if (!r->subpath) {
-                        request_respond_error(r, 404, "invalid_request_error", NULL,
-                                              "Unknown path '%s'. This router serves POST /v1/chat/completions, "
-                                              "GET /v1/models and GET /health.", exchange_path(x));
+                        request_respond_unknown_path(r);
                         return r;
                 }
         } else
@@ -415,10 +413,7 @@ static void dispatch_body_complete(Exchange *x, void *userdata) {
         if (exchange_answered(x))
                 return;
         if (!r->handler) {
-                request_respond_error(r, 404, "invalid_request_error", NULL,
-                                      "Unknown path '%s'. This router serves POST /v1/chat/completions, "
-                                      "GET /v1/models and GET /health.",
-                                      exchange_path(x));
+                request_respond_unknown_path(r);
                 return;
         }
         if (exchange_body_no_room(x)) {

@@ -50,3 +50,17 @@ char *json_error_body(const char *type, const char *message, const char *provide
         json_builder_end_object(b);
         return json_builder_to_string(b, NULL);
 }
+
+void json_builder_add_chat(JsonBuilder *b, const char *model, const char *prompt) {
+        json_builder_set_member_name(b, "model");
+        json_builder_add_string_value(b, model);
+        json_builder_set_member_name(b, "messages");
+        json_builder_begin_array(b);
+        json_builder_begin_object(b);
+        json_builder_set_member_name(b, "role");
+        json_builder_add_string_value(b, "user");
+        json_builder_set_member_name(b, "content");
+        json_builder_add_string_value(b, prompt);
+        json_builder_end_object(b);
+        json_builder_end_array(b);
+}

@@ -634,10 +634,7 @@ static void models_start_one(ModelsQuery *q) {
         path = upstream_escape_path(r->subpath);
         if (!model_name_is_valid(id) || !path) {
                 w->stats.rejected++;
-                request_respond_error(r, 404, "invalid_request_error", NULL,
-                                      "Unknown path '%s'. This router serves POST /v1/chat/completions, "
-                                      "GET /v1/models and GET /health.",
-                                      exchange_path(r->exchange));
+                request_respond_unknown_path(r);
                 return;
         }
         r->record.model = g_strdup(id);

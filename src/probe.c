@@ -83,17 +83,7 @@ static char *probe_body(Probe *p, ProbeStep step) {
                                      : "Reply with one word: pong";
 
         json_builder_begin_object(b);
-        json_builder_set_member_name(b, "model");
-        json_builder_add_string_value(b, provider_model_name(p->provider, p->result.model));
-        json_builder_set_member_name(b, "messages");
-        json_builder_begin_array(b);
-        json_builder_begin_object(b);
-        json_builder_set_member_name(b, "role");
-        json_builder_add_string_value(b, "user");
-        json_builder_set_member_name(b, "content");
-        json_builder_add_string_value(b, prompt);
-        json_builder_end_object(b);
-        json_builder_end_array(b);
+        json_builder_add_chat(b, provider_model_name(p->provider, p->result.model), prompt);
         json_builder_set_member_name(b, "max_tokens");
         json_builder_add_int_value(b, step == STEP_TOOL_ARGS ? 128 : 16);
         if (step != STEP_PLAIN) {

@@ -956,10 +956,7 @@ static void proxy_start_common(Request *r, bool any) {
                         px->url_suffix = px->url_suffix_buf = upstream_escape_path(r->subpath);
                 if (!px->url_suffix_buf) {
                         w->stats.rejected++;
-                        request_respond_error(r, 404, "invalid_request_error", NULL,
-                                              "Unknown path '%s'. This router serves POST /v1/chat/completions, "
-                                              "GET /v1/models and GET /health.",
-                                              exchange_path(r->exchange));
+                        request_respond_unknown_path(r);
                         return;
                 }
         }

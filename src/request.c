@@ -197,6 +197,13 @@ void request_respond_error(Request *r, unsigned status, const char *type, const 
         request_respond_json(r, status, json, strlen(json));
 }
 
+void request_respond_unknown_path(Request *r) {
+        request_respond_error(r, 404, "invalid_request_error", NULL,
+                              "Unknown path '%s'. This router serves POST /v1/chat/completions (and other POST "
+                              "/v1/… APIs that name a model), GET /v1/models and GET /health.",
+                              exchange_path(r->exchange));
+}
+
 void request_stream_begin(Request *r, unsigned status) {
         r->record.status = status;
         request_add_common_headers(r);

@@ -60,6 +60,8 @@ void request_respond_error(Request *r, unsigned status, const char *type, const 
 /* The Access-Control-Allow-Origin value for this request under CORSAllowOrigin=, or NULL for
  * none; *ret_vary says the answer depends on the request's Origin. */
 const char *request_cors_origin(Request *r, bool *ret_vary);
+/* 404: a path no route serves, or none a provider may see. */
+void request_respond_unknown_path(Request *r);
 /* Begins a streamed answer, with the router's own headers added. */
 void request_stream_begin(Request *r, unsigned status);
 

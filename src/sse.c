@@ -91,7 +91,8 @@ void sse_scanner_consumed(SseScanner *s, size_t n) {
         s->boundary -= n;
 }
 
-/* The end of the line at p: its CR or LF, or end. */
+/* The end of the line at p: its CR or LF, or end. memchr(), not a byte-by-byte walk: every event
+ * of every stream is read here, twice. */
 static const char *line_end(const char *p, const char *end) {
         const char *nl = memchr(p, '\n', (size_t) (end - p));
         const char *cr = memchr(p, '\r', (size_t) ((nl ?: end) - p));
@@ -99,47 +100,49 @@ static const char *line_end(const char *p, const char *end) {
         return cr ?: nl ?: end;
 }
 
-const char *sse_event_data(const char *event, size_t size, size_t *ret_size) {
-        const char *p = event, *end = event + size;
+/* The next "data:" line of an event from *p on: its payload (without the field name and the one
+ * optional space). Moves *p past it; false when there is none. */
+static bool next_data_line(const char **p, const char *end, const char **ret, size_t *ret_size) {
+        while (*p < end) {
+                const char *line = *p, *eol = line_end(line, end);
 
-        while (p < end) {
-                const char *eol = line_end(p, end);
-                if ((size_t) (eol - p) >= 5 && memcmp(p, "data:", 5) == 0) {
-                        const char *d = p + 5;
+                /* One line ending: CRLF, CR or LF. */
+                *p = eol;
+                if (*p < end && **p == '\r')
+                        (*p)++;
+                if (*p < end && **p == '\n')
+                        (*p)++;
+                if ((size_t) (eol - line) >= 5 && memcmp(line, "data:", 5) == 0) {
+                        const char *d = line + 5;
                         if (d < eol && *d == ' ')
                                 d++;
+                        *ret = d;
                         *ret_size = (size_t) (eol - d);
-                        return d;
+                        return true;
                 }
-                p = eol;
-                while (p < end && (*p == '\n' || *p == '\r'))
-                        p++;
         }
-        return NULL;
+        return false;
+}
+
+const char *sse_event_data(const char *event, size_t size, size_t *ret_size) {
+        const char *p = event, *d;
+
+        if (!next_data_line(&p, event + size, &d, ret_size))
+                return NULL;
+        return d;
 }
 
 GString *sse_event_data_joined(const char *event, size_t size) {
-        const char *p = event, *end = event + size;
+        const char *p = event, *d;
         GString *s = NULL;
+        size_t n;
 
-        while (p < end) {
-                const char *eol = line_end(p, end);
-                if ((size_t) (eol - p) >= 5 && memcmp(p, "data:", 5) == 0) {
-                        const char *d = p + 5;
-                        if (d < eol && *d == ' ')
-                                d++;
-                        if (!s)
-                                s = g_string_sized_new((gsize) (eol - d));
-                        else
-                                g_string_append_c(s, '\n');
-                        g_string_append_len(s, d, (gssize) (eol - d));
-                }
-                p = eol;
-                /* One line ending: CRLF, CR or LF. */
-                if (p < end && *p == '\r')
-                        p++;
-                if (p < end && *p == '\n')
-                        p++;
+        while (next_data_line(&p, event + size, &d, &n)) {
+                if (!s)
+                        s = g_string_sized_new(n);
+                else
+                        g_string_append_c(s, '\n');
+                g_string_append_len(s, d, (gssize) n);
         }
         return s;
 }
