@@ -541,12 +541,12 @@ static size_t upstream_write_cb(char *ptr, size_t size, size_t nmemb, void *user
 
 /* Does the environment name a proxy for libcurl (or hosts to reach without one)? These are the
  * variables libcurl reads for http:// and https:// URLs. Read once: the environment of a running
- * daemon does not change, and libcurl would otherwise look them up for every transfer. The same
- * answer in any thread. */
+ * daemon does not change, and libcurl would otherwise look them up for every transfer. Once per
+ * process, whichever loop asks first. */
 static bool environment_names_proxy(void) {
-        static int cached = -1;
+        static gsize answer = 0; /* 1: none named, 2: some */
 
-        if (cached < 0) {
+        if (g_once_init_enter(&answer)) {
                 static const char *const names[] = {
                         "http_proxy", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY",
                 };
@@ -555,9 +555,9 @@ static bool environment_names_proxy(void) {
                 for (size_t i = 0; i < ELEMENTSOF(names); i++)
                         if (getenv(names[i]))
                                 found = true;
-                cached = found;
+                g_once_init_leave(&answer, found ? 2 : 1);
         }
-        return cached;
+        return answer == 2;
 }
 
 /* How this provider is reached: whom to trust, what certificate to show, through which proxy. */
