@@ -184,8 +184,9 @@ RESPONSE_HEADERS_NOT_COMPARED = {"date", "connection", "keep-alive", "transfer-e
 # Response headers the router adds of its own (besides X-Provider, X-Request-Id and the others
 # above): X-Accel-Buffering keeps a reverse proxy in front of it from holding a stream back.
 ROUTER_OWN_RESPONSE_HEADERS = {"x-accel-buffering"}
-# Ids a server makes up anew on every request: aimock's Responses API item ids.
-RANDOM_IDS = re.compile(rb"\bmsg-[A-Za-z0-9_-]{16}\b")
+# Ids a server makes up anew on every request: aimock's Responses API item ids, "msg-" and 12
+# random bytes in base64url, which may begin or end with "-" or "_" (so no \b around them).
+RANDOM_IDS = re.compile(rb"(?<![A-Za-z0-9_-])msg-[A-Za-z0-9_-]{16}(?![A-Za-z0-9_-])")
 # In a client's result: the request ids, which differ on every request whatever the path.
 CLIENT_HEADERS_NOT_COMPARED = {"x-request-id", "x-provider-request-id", "x-provider"}
 
