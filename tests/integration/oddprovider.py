@@ -388,6 +388,19 @@ class OddProvider:
     def chats(self):
         return [r for r in self.requests() if r["path"].split("?")[0].endswith("/chat/completions")]
 
+    def last_chat(self, timeout=10.0):
+        """The newest chat record once its answer is recorded: a streamed answer's record is
+        completed after its last byte is sent, so a client can have it all a moment before."""
+        end = time.monotonic() + timeout
+        while True:
+            chats = self.chats()
+            if chats and "answer_b64" in chats[-1]:
+                return chats[-1]
+            if time.monotonic() > end:
+                raise AssertionError("no answered chat request recorded within %.0f s: %r"
+                                     % (timeout, chats[-1:] or None))
+            time.sleep(0.01)
+
     def reset(self):
         with self.lock:
             self.records = []

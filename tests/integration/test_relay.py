@@ -161,20 +161,20 @@ class OddProviderSelfTest(OddCase):
         self.assertIn(b"x-request-id: odd-odd-", head)
         self.assertTrue(payload.endswith(b"data: [DONE]\r\n\r\n"), payload[-100:])
         self.assertNotIn(b"\n\n", payload.replace(b"\r\n", b""))
-        rec = self.odd.chats()[-1]
+        rec = self.odd.last_chat(10 * SLOW)
         self.assertEqual(rec["modes"], ["crlf", "http10"])
         self.assertEqual(answer_of(rec), payload)
 
         out = self.raw("/v1/chat/completions", dict(body, odd=["cr", "cut-mid-event"]))
         payload = out.split(b"\r\n\r\n", 1)[1]
         self.assertTrue(payload.endswith(b"0\r\n\r\n"), payload[-50:])
-        plain = answer_of(self.odd.chats()[-1])
+        plain = answer_of(self.odd.last_chat(10 * SLOW))
         self.assertNotIn(b"\n", plain)
         self.assertEqual(plain.count(b"\r\r"), 2, plain)
         self.assertFalse(plain.endswith(b"\r"), plain)
 
         out = self.raw("/v1/chat/completions", dict(body, odd={"modes": "pad,ping", "pings": 50, "ping_sec": 0.1}))
-        plain = answer_of(self.odd.chats()[-1])
+        plain = answer_of(self.odd.last_chat(10 * SLOW))
         self.assertEqual(plain.count(b": ping\n\n"), 50)
         pad = [e for e in plain.split(b"\n\n") if e.startswith(b": x")]
         self.assertEqual((len(pad), len(pad[0]) + 2), (40, 1024))
@@ -193,7 +193,7 @@ class OddProviderSelfTest(OddCase):
         got = gzip.decompress(r.read())
         # The provider notes what it sent once the last chunk is out, which may be after we read it.
         wait_until(lambda: "answer_b64" in self.odd.chats()[-1], 10 * SLOW, what="the provider's record")
-        self.assertEqual(got, answer_of(self.odd.chats()[-1]))
+        self.assertEqual(got, answer_of(self.odd.last_chat(10 * SLOW)))
         c.request("POST", "/gzip-always/v1/chat/completions", json.dumps(chat_body("hi")),
                   {"Accept-Encoding": "identity"})
         r = c.getresponse()
@@ -213,14 +213,14 @@ class OddProviderSelfTest(OddCase):
                 ("no-usage", lambda d: d[-1] == b"[DONE]" and not any(b'"usage"' in x for x in d)),
                 ("cut", lambda d: len(d) == 2 and not any(b'"finish_reason": "' in x for x in d))):
             self.raw("/%s/v1/chat/completions" % modes if modes else "/v1/chat/completions", body)
-            plain = answer_of(self.odd.chats()[-1])
+            plain = answer_of(self.odd.last_chat(10 * SLOW))
             datas = [e[6:] for e in plain.split(b"\n\n") if e.startswith(b"data: ")]
             self.assertTrue(check(datas), (modes, plain))
         tools = chat_body("weather?", model="odd-model", stream=True,
                           tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {}}}])
         for modes, n, indexed in (("", 4, True), ("tool-args-one-chunk", 1, True), ("tool-no-index", 4, False)):
             self.raw("/v1/chat/completions", dict(tools, odd=modes))
-            chunks = [json.loads(e[6:]) for e in answer_of(self.odd.chats()[-1]).split(b"\n\n")
+            chunks = [json.loads(e[6:]) for e in answer_of(self.odd.last_chat(10 * SLOW)).split(b"\n\n")
                       if e.startswith(b"data: {")]
             calls = [c["choices"][0]["delta"]["tool_calls"][0] for c in chunks
                      if c["choices"] and c["choices"][0]["delta"].get("tool_calls")]
@@ -1105,7 +1105,7 @@ class EgressProxyTest(OddCase):
         s = router.stream(chat_body(model="odd-model", stream=True, odd={"delay_ms": 300}))
         self.assertEqual((s.status, s.header("X-Provider")), (200, "odd"), s.raw[:300])
         self.assertTrue(s.header("Content-Type").startswith("text/event-stream"))
-        self.assertEqual(s.raw, answer_of(odd.chats()[-1]))
+        self.assertEqual(s.raw, answer_of(odd.last_chat(10 * SLOW)))
         self.assert_events_spread(s, 0.4)
         self.assertEqual(self.proxy.forwards(), [odd.base_url + "/chat/completions"])
 
@@ -1121,11 +1121,11 @@ class EgressProxyTest(OddCase):
         self.assertTrue(s.header("Content-Type").startswith("text/event-stream"), dict(s.headers.items()))
         self.assertEqual(s.header("X-Odd-Provider"), "tls")
         self.assert_no_proxy_headers(s.headers)
-        self.assertEqual(s.raw, answer_of(tls.chats()[-1]))
+        self.assertEqual(s.raw, answer_of(tls.last_chat(10 * SLOW)))
         self.assert_events_spread(s, 0.4)
         r = router.chat(chat_body(model="tls-model", odd="close"))
         self.assertEqual(r.status, 200, r)
-        self.assertEqual(r.body, answer_of(tls.chats()[-1]))
+        self.assertEqual(r.body, answer_of(tls.last_chat(10 * SLOW)))
         self.assert_no_proxy_headers(r.headers)
         self.assertEqual(r.header("X-Odd-Provider"), "tls")
         self.assertEqual(self.proxy.connects(), ["%s:%d" % (LOOPBACK, tls.port)] * 2)
