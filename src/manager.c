@@ -320,7 +320,9 @@ int manager_new(const ManagerOptions *options, Manager **ret) {
                 return r;
         log_set_max_level(m->config->log_level);
 
-        r = sd_event_default(&m->event);
+        /* A loop of its own, not the thread's default one: sd-event checks that a default loop
+         * runs in its thread with a gettid() syscall in every iteration (sd_event_prepare()). */
+        r = sd_event_new(&m->event);
         if (r < 0)
                 return log_error_errno(r, "Failed to allocate the event loop: %m");
         r = curl_glue_new(m->event, &m->curl);
