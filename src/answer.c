@@ -86,6 +86,11 @@ static void set_finish(AnswerSummary *s, const char *reason) {
         s->finish_reason = g_strdup(reason);
 }
 
+void answer_summary_set_answer(AnswerSummary *s, const char *text, const char *finish_reason) {
+        add_text(s, text);
+        set_finish(s, finish_reason);
+}
+
 static const char *member_string(JsonObject *o, const char *name) {
         JsonNode *n = o ? json_object_get_member(o, name) : NULL;
 

@@ -31,6 +31,8 @@ void answer_summary_copy(AnswerSummary *dst, const AnswerSummary *src);
 /* Completion tokens per second after the first byte; 0 if it cannot be told. */
 double answer_summary_tokens_per_sec(const AnswerSummary *s);
 void answer_summary_set_error(AnswerSummary *s, const char *format, ...) _printf_(2, 3);
+/* An answer whose text is known without reading its bytes (the built-in echo provider's). */
+void answer_summary_set_answer(AnswerSummary *s, const char *text, const char *finish_reason);
 
 /* Reads an answer's body. For a stream, feed whole SSE events (answer_reader_event()) or raw
  * bytes (answer_reader_feed(), which finds the events); otherwise raw bytes, read at the end. */

@@ -414,6 +414,29 @@ static char *echo_build_whole(const Echo *e) {
         return json_builder_to_string(b, NULL);
 }
 
+/* At most ECHO_REPLY_MAX bytes, cut at a character boundary; true if it was cut. */
+static bool echo_cut_reply(GString *reply) {
+        const char *cut;
+
+        if (reply->len <= ECHO_REPLY_MAX)
+                return false;
+        cut = g_utf8_find_prev_char(reply->str, reply->str + ECHO_REPLY_MAX + 1);
+        g_string_truncate(reply, cut ? (gsize) (cut - reply->str) : 0);
+        return true;
+}
+
+char *echo_reply_text(const char *body, size_t body_size, bool *ret_truncated) {
+        EchoInput in;
+        bool cut;
+
+        if (echo_read_request(body, body_size, &in) < 0)
+                return NULL;
+        cut = echo_cut_reply(in.reply);
+        if (ret_truncated)
+                *ret_truncated = cut;
+        return g_string_free(in.reply, FALSE);
+}
+
 void echo_respond(Request *r, Provider *p, const ChatRequestInfo *info) {
         Echo *e;
         EchoInput in;
@@ -435,12 +458,7 @@ void echo_respond(Request *r, Provider *p, const ChatRequestInfo *info) {
         e->request = r;
         e->prompt_tokens = in.prompt_words;
         e->include_usage = in.include_usage;
-        if (in.reply->len > ECHO_REPLY_MAX) {
-                /* Cut at a character boundary. */
-                const char *cut = g_utf8_find_prev_char(in.reply->str, in.reply->str + ECHO_REPLY_MAX + 1);
-                g_string_truncate(in.reply, cut ? (gsize) (cut - in.reply->str) : 0);
-                e->truncated = true;
-        }
+        e->truncated = echo_cut_reply(in.reply);
         e->completion_tokens = count_words(in.reply->str, in.reply->len);
         e->reply = g_string_free(in.reply, FALSE);
         e->model = g_strdup(info->model ?: (p->config->default_model ?: "echo"));

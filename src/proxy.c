@@ -883,6 +883,21 @@ static void proxy_start_comparisons(Proxy *px, const Route *route, GPtrArray *x_
                 proxy_start_comparison(px, x_compare->pdata[i], COMPARISON_X_COMPARE);
 }
 
+/* The echo provider's answer is produced, not read: what it says is known from the request. */
+static void proxy_echo_primary(Proxy *px) {
+        g_autofree char *text = NULL;
+        const char *body;
+        size_t body_size;
+        bool cut = false;
+
+        if (!px->jobs)
+                return;
+        body = exchange_body(px->request->exchange, &body_size);
+        text = echo_reply_text(body, body_size, &cut);
+        if (text)
+                answer_summary_set_answer(&px->primary, text, cut ? "length" : "stop");
+}
+
 /* The providers named in X-Compare, checked before anything starts. */
 #define X_COMPARE_MAX 8
 
@@ -1014,6 +1029,7 @@ static void proxy_start_common(Request *r, bool any) {
                 request_begin_provider(r, px->routed);
                 echo_respond(r, px->routed, &px->info);
                 proxy_start_comparisons(px, pick.route, compare);
+                proxy_echo_primary(px);
                 return;
         }
 

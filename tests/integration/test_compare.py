@@ -331,6 +331,29 @@ class CompareTest(RouterTestCase):
         self.assert_error(r, 400, "invalid_request_error", "Unknown provider 'nope' in the X-Compare header")
         self.assert_still_serves(router)
 
+    def test_echo_primary_recorded(self):
+        # The built-in echo provider's answer is produced, not relayed: the comparison still has it.
+        router = self.start(self.config(""))
+        for stream in (False, True):
+            body = chat_body("compare me", stream=stream)
+            headers = {"X-Provider": "echo", "X-Compare": "beta"}
+            if stream:
+                s = router.stream(body, headers=headers)
+                self.assertEqual((s.status, s.header("X-Provider")), (200, "echo"), s.raw[:300])
+            else:
+                r = router.chat(body, headers=headers)
+                self.assertEqual((r.status, r.header("X-Provider")), (200, "echo"), r)
+                self.assertEqual(r.json()["choices"][0]["message"]["content"], "compare me")
+            wait_until(lambda: len(self.comparisons()) >= (2 if stream else 1), 10 * SLOW, what="a comparison")
+            get = {k: v["data"] for k, v in self.comparisons(1)[0].items()}
+            self.assertEqual((get["primary_provider"], get["mirror_provider"]), ("echo", "beta"))
+            self.assertEqual(get["primary_answer_length"], len("compare me"))
+            self.assertEqual(get["primary_finish_reason"], "stop")
+            self.assertEqual(get["primary_error"], "")
+            # {compare, me, compare me} vs {beta, compare, me, beta compare, compare me}: 3 of 5.
+            self.assertAlmostEqual(get["similarity"], 3 / 5, places=3)
+        self.assert_still_serves(router)
+
     def test_x_compare_needs_override(self):
         router = self.start(self.config("", router={"AllowProviderOverride": "false"}))
         r = router.chat(chat_body("x"), headers={"X-Compare": "beta"})

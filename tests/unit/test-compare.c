@@ -118,6 +118,15 @@ START_TEST(test_errors_and_bounds) {
         ck_assert_ptr_nonnull(strstr(s.error, "larger than"));
         answer_summary_clear(&s);
 
+        /* A known answer is kept to the same bound; its whole length is counted. */
+        answer_summary_init(&s, "p");
+        answer_summary_set_answer(&s, big, "length");
+        ck_assert_uint_eq(s.text->len, ANSWER_TEXT_MAX);
+        ck_assert_uint_eq(s.answer_length, strlen(big));
+        ck_assert_str_eq(s.finish_reason, "length");
+        ck_assert_ptr_null(s.error);
+        answer_summary_clear(&s);
+
         /* Tokens per second count from the first byte. */
         answer_summary_init(&s, "p");
         s.ttfb_usec = 100 * USEC_PER_MSEC;
