@@ -64,6 +64,10 @@ uint64_t budget_used(const Budget *b) {
         return b->used;
 }
 
+uint64_t budget_room(const Budget *b) {
+        return b->used < b->limit ? b->limit - b->used : 0;
+}
+
 bool budget_exhausted(const Budget *b) {
         /* Accepted work waiting for room comes first, even when a few bytes are left. */
         return b->used >= b->limit || !g_queue_is_empty((GQueue *) &b->waiters);

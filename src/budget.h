@@ -25,6 +25,8 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(Budget, budget_free)
 void budget_set_limit(Budget *b, uint64_t limit);
 uint64_t budget_limit(const Budget *b);
 uint64_t budget_used(const Budget *b);
+/* What is left before the limit (0 when it is reached or passed). */
+uint64_t budget_room(const Budget *b);
 /* Nothing is left, or accepted work waits for room: new work is refused. */
 bool budget_exhausted(const Budget *b);
 

@@ -74,9 +74,15 @@ static int buf_append(Proxy *px, const char *data, size_t size) {
                 char *p;
 
                 if (!budget_try_take(b, want - px->buf_alloc)) {
-                        want = need; /* the doubling did not fit: just enough, then */
-                        if (!budget_try_take(b, want - px->buf_alloc))
+                        /* The doubling does not fit: all the room there is, if that holds this
+                         * chunk. Not just enough for it: near the limit that would be a realloc
+                         * (a copy of the whole answer) per chunk, for every answer that waits. */
+                        uint64_t room = budget_room(b);
+
+                        if (px->buf_alloc + room < need)
                                 return -ENOBUFS;
+                        want = px->buf_alloc + room;
+                        budget_take(b, room);
                 }
                 p = g_try_realloc(px->buf, want);
                 if (!p) {

@@ -18,9 +18,11 @@ START_TEST(test_take_and_give) {
 
         ck_assert_int_ge(sd_event_new(&e), 0);
         ck_assert_int_eq(budget_new(e, 100, &b), 0);
+        ck_assert_uint_eq(budget_room(b), 100);
         ck_assert(budget_try_take(b, 60));
         ck_assert(!budget_try_take(b, 41));
         ck_assert_uint_eq(budget_used(b), 60);
+        ck_assert_uint_eq(budget_room(b), 40);
         ck_assert(budget_try_take(b, 40));
         ck_assert(budget_exhausted(b));
         ck_assert(!budget_try_take(b, 1));
@@ -28,6 +30,7 @@ START_TEST(test_take_and_give) {
         /* Accepted work goes over. */
         budget_take(b, 10);
         ck_assert_uint_eq(budget_used(b), 110);
+        ck_assert_uint_eq(budget_room(b), 0);
         budget_give(b, 110);
         ck_assert_uint_eq(budget_used(b), 0);
         ck_assert(!budget_exhausted(b));
