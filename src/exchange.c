@@ -274,9 +274,15 @@ static bool exchange_body_grow(Exchange *x, size_t need) {
                 want = MAX((size_t) MIN((uint64_t) MAX(x->body_alloc * 2, need), x->body_limit + 1), need);
         if (want > x->body_counted) {
                 if (!budget_try_take(b, want - x->body_counted)) {
-                        want = need; /* the doubling did not fit: just enough, then */
-                        if (want > x->body_counted && !budget_try_take(b, want - x->body_counted))
+                        /* The doubling did not fit: the room left, if that holds the body so far
+                         * (less than the doubling, so still geometric). Just enough would copy
+                         * the whole body again for every piece that arrives near the limit. */
+                        uint64_t room = budget_room(b);
+
+                        if (x->body_counted + room < need)
                                 return false;
+                        want = MAX((size_t) (x->body_counted + room), need);
+                        budget_take(b, want - x->body_counted);
                 }
                 x->body_counted = MAX(x->body_counted, (uint64_t) want);
         }
