@@ -80,6 +80,20 @@ bool budget_try_take(Budget *b, uint64_t n) {
         return true;
 }
 
+uint64_t budget_take_growth(Budget *b, uint64_t counted, uint64_t need, uint64_t want) {
+        uint64_t room;
+
+        g_assert(counted < need && need <= want);
+        if (budget_try_take(b, want - counted))
+                return want;
+        room = budget_room(b);
+        if (room < need - counted)
+                return 0;
+        /* Less than the doubling, or that would have fitted: growth stays geometric. */
+        b->used += room;
+        return counted + room;
+}
+
 void budget_take(Budget *b, uint64_t n) {
         b->used += n;
 }

@@ -32,6 +32,12 @@ bool budget_exhausted(const Budget *b);
 
 /* Takes n bytes if they fit; false (and nothing taken) if not. */
 bool budget_try_take(Budget *b, uint64_t n);
+/* Room for a buffer counted as `counted` bytes to grow to at least `need`: takes `want` (its
+ * doubling) if that fits, else all the room left if that holds `need` — never just `need`, which
+ * near the limit would mean a realloc (a copy of the whole buffer) for every piece that arrives.
+ * Returns the buffer's new count, or 0 (nothing taken) when the room left is too small.
+ * counted < need <= want. */
+uint64_t budget_take_growth(Budget *b, uint64_t counted, uint64_t need, uint64_t want);
 /* Takes n bytes, fitting or not: for what was accepted already and cannot wait. */
 void budget_take(Budget *b, uint64_t n);
 void budget_give(Budget *b, uint64_t n);

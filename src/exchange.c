@@ -270,21 +270,12 @@ static bool exchange_body_grow(Exchange *x, size_t need) {
                  * (a 1 MB body was copied four times over). Only the first BODY_PREALLOC_MAX bytes
                  * come before the client has shown it really sends. */
                 want = (size_t) x->body_counted;
-        else
+        else {
                 want = MAX((size_t) MIN((uint64_t) MAX(x->body_alloc * 2, need), x->body_limit + 1), need);
-        if (want > x->body_counted) {
-                if (!budget_try_take(b, want - x->body_counted)) {
-                        /* The doubling did not fit: the room left, if that holds the body so far
-                         * (less than the doubling, so still geometric). Just enough would copy
-                         * the whole body again for every piece that arrives near the limit. */
-                        uint64_t room = budget_room(b);
-
-                        if (x->body_counted + room < need)
-                                return false;
-                        want = MAX((size_t) (x->body_counted + room), need);
-                        budget_take(b, want - x->body_counted);
-                }
-                x->body_counted = MAX(x->body_counted, (uint64_t) want);
+                x->body_counted = budget_take_growth(b, x->body_counted, need, want) ?: x->body_counted;
+                if (x->body_counted < need)
+                        return false;
+                want = (size_t) x->body_counted;
         }
         p = g_try_realloc(x->body, want);
         if (!p)

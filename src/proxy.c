@@ -73,17 +73,9 @@ static int buf_append(Proxy *px, const char *data, size_t size) {
                 size_t need = px->buf_size + size, want = MAX(MAX(px->buf_alloc * 2, need), (size_t) 1024);
                 char *p;
 
-                if (!budget_try_take(b, want - px->buf_alloc)) {
-                        /* The doubling does not fit: all the room there is, if that holds this
-                         * chunk. Not just enough for it: near the limit that would be a realloc
-                         * (a copy of the whole answer) per chunk, for every answer that waits. */
-                        uint64_t room = budget_room(b);
-
-                        if (px->buf_alloc + room < need)
-                                return -ENOBUFS;
-                        want = px->buf_alloc + room;
-                        budget_take(b, room);
-                }
+                want = (size_t) budget_take_growth(b, px->buf_alloc, need, want);
+                if (want == 0)
+                        return -ENOBUFS;
                 p = g_try_realloc(px->buf, want);
                 if (!p) {
                         budget_give(b, want - px->buf_alloc);

@@ -37,6 +37,21 @@ START_TEST(test_take_and_give) {
         budget_set_limit(b, 10);
         ck_assert_uint_eq(budget_limit(b), 10);
         ck_assert(!budget_try_take(b, 11));
+
+        /* Growth: the doubling when it fits, else all the room left if that holds what is
+         * needed, else nothing. */
+        budget_set_limit(b, 100);
+        ck_assert_uint_eq(budget_take_growth(b, 0, 10, 20), 20);
+        ck_assert_uint_eq(budget_used(b), 20);
+        ck_assert_uint_eq(budget_take_growth(b, 20, 30, 40), 40);
+        ck_assert_uint_eq(budget_used(b), 40);
+        ck_assert_uint_eq(budget_take_growth(b, 40, 50, 80), 80);  /* the doubling fits */
+        ck_assert_uint_eq(budget_used(b), 80);
+        ck_assert_uint_eq(budget_take_growth(b, 80, 90, 160), 100); /* the 20 left, not 10 */
+        ck_assert_uint_eq(budget_used(b), 100);
+        ck_assert_uint_eq(budget_take_growth(b, 100, 101, 200), 0);
+        ck_assert_uint_eq(budget_used(b), 100);
+        budget_give(b, 100);
 }
 END_TEST
 
