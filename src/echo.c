@@ -425,19 +425,7 @@ static bool echo_cut_reply(GString *reply) {
         return true;
 }
 
-char *echo_reply_text(const char *body, size_t body_size, bool *ret_truncated) {
-        EchoInput in;
-        bool cut;
-
-        if (echo_read_request(body, body_size, &in) < 0)
-                return NULL;
-        cut = echo_cut_reply(in.reply);
-        if (ret_truncated)
-                *ret_truncated = cut;
-        return g_string_free(in.reply, FALSE);
-}
-
-void echo_respond(Request *r, Provider *p, const ChatRequestInfo *info) {
+void echo_respond(Request *r, Provider *p, const ChatRequestInfo *info, AnswerSummary *answer) {
         Echo *e;
         EchoInput in;
         const char *body;
@@ -461,6 +449,8 @@ void echo_respond(Request *r, Provider *p, const ChatRequestInfo *info) {
         e->truncated = echo_cut_reply(in.reply);
         e->completion_tokens = count_words(in.reply->str, in.reply->len);
         e->reply = g_string_free(in.reply, FALSE);
+        if (answer)
+                answer_summary_set_answer(answer, e->reply, e->truncated ? "length" : "stop");
         e->model = g_strdup(info->model ?: (p->config->default_model ?: "echo"));
         e->id = g_strconcat("chatcmpl-", r->record.request_id, NULL);
         e->created = g_get_real_time() / G_USEC_PER_SEC;

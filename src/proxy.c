@@ -676,7 +676,7 @@ static void proxy_start_attempt(Proxy *px, Provider *p) {
         g_clear_pointer(&px->upstream_body, g_free);
 
         if (provider_is_echo(p)) {
-                echo_respond(r, p, &px->info);
+                echo_respond(r, p, &px->info, px->jobs ? &px->primary : NULL);
                 return;
         }
 
@@ -881,21 +881,6 @@ static void proxy_start_comparisons(Proxy *px, const Route *route, GPtrArray *x_
                 proxy_start_comparison(px, x_compare->pdata[i], COMPARISON_X_COMPARE);
 }
 
-/* The echo provider's answer is produced, not read: what it says is known from the request. */
-static void proxy_echo_primary(Proxy *px) {
-        g_autofree char *text = NULL;
-        const char *body;
-        size_t body_size;
-        bool cut = false;
-
-        if (!px->jobs)
-                return;
-        body = exchange_body(px->request->exchange, &body_size);
-        text = echo_reply_text(body, body_size, &cut);
-        if (text)
-                answer_summary_set_answer(&px->primary, text, cut ? "length" : "stop");
-}
-
 /* The providers named in X-Compare, checked before anything starts. */
 #define X_COMPARE_MAX 8
 
@@ -1025,9 +1010,9 @@ static void proxy_start_common(Request *r, bool any) {
                 px->provider = px->routed;
                 r->record.attempts = 1;
                 request_begin_provider(r, px->routed);
-                echo_respond(r, px->routed, &px->info);
+                /* Its answer is produced at once: the comparisons start first, to be given it. */
                 proxy_start_comparisons(px, pick.route, compare);
-                proxy_echo_primary(px);
+                echo_respond(r, px->routed, &px->info, px->jobs ? &px->primary : NULL);
                 return;
         }
 
