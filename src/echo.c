@@ -20,68 +20,6 @@
 
 /* ---- reading the request ----------------------------------------------------------------- */
 
-/* The request passed json_scan() already (inspect_chat_request()), so its arrays can be walked
- * by skipping values: strings (with their escapes) and nesting are all there is to watch. */
-static const char *skip_string(const char *p, const char *end) {
-        for (p++; p < end;) {
-                const char *q = memchr(p, '"', (size_t) (end - p));
-                const char *b = q;
-
-                if (!q)
-                        return end;
-                /* Escaped when an odd number of backslashes stands before it. */
-                while (b > p && b[-1] == '\\')
-                        b--;
-                if ((q - b) % 2 == 0)
-                        return q + 1;
-                p = q + 1;
-        }
-        return end;
-}
-
-static const char *skip_value(const char *p, const char *end) {
-        unsigned depth = 0;
-
-        while (p < end) {
-                char c = *p;
-
-                if (c == '"') {
-                        p = skip_string(p, end);
-                        if (depth == 0)
-                                return p;
-                        continue;
-                }
-                if (c == '[' || c == '{')
-                        depth++;
-                else if (c == ']' || c == '}') {
-                        if (depth <= 1)
-                                return p + 1;
-                        depth--;
-                } else if (depth == 0 && (c == ',' || g_ascii_isspace(c)))
-                        return p;
-                p++;
-        }
-        return end;
-}
-
-typedef void (*ElementFunc)(const char *data, size_t size, void *userdata);
-
-static void array_foreach(const JsonSpan *array, ElementFunc func, void *userdata) {
-        const char *p = array->data + 1, *end = array->data + array->size - 1;
-
-        while (p < end) {
-                const char *start;
-
-                while (p < end && (*p == ',' || g_ascii_isspace(*p)))
-                        p++;
-                if (p >= end)
-                        break;
-                start = p;
-                p = skip_value(p, end);
-                func(start, (size_t) (p - start), userdata);
-        }
-}
-
 typedef struct Members {
         const char *names[3];
         JsonSpan values[3];
@@ -115,12 +53,13 @@ static void append_string(GString *s, const JsonSpan *v) {
                 g_string_append(s, text);
 }
 
-static void append_part(const char *data, size_t size, void *userdata) {
+static int append_part(const char *data, size_t size, void *userdata) {
         Members m = { .names = { "text" } };
 
         /* {"type":"text","text":"…"} */
         if (object_members(data, size, &m))
                 append_string(userdata, &m.values[0]);
+        return 0;
 }
 
 static uint64_t count_words(const char *s, size_t n) {
@@ -144,7 +83,8 @@ typedef struct EchoInput {
         bool include_usage;
 } EchoInput;
 
-static void read_message(const char *data, size_t size, void *userdata) {
+/* One of the messages; the request passed json_scan() already (inspect_chat_request()). */
+static int read_message(const char *data, size_t size, void *userdata) {
         EchoInput *in = userdata;
         Members m = { .names = { "role", "content" } };
         g_autoptr(GString) text = NULL;
@@ -152,7 +92,7 @@ static void read_message(const char *data, size_t size, void *userdata) {
         bool user;
 
         if (!object_members(data, size, &m))
-                return;
+                return 0;
         user = json_span_equal(&m.values[0], "user");
         if (content->type == JSON_VALUE_STRING && !content->escaped && content->size >= 2) {
                 /* The common case needs no copy: counted in place, copied (bounded) at the end. */
@@ -161,19 +101,20 @@ static void read_message(const char *data, size_t size, void *userdata) {
                         g_string_truncate(in->reply, 0);
                         in->reply_span = *content;
                 }
-                return;
+                return 0;
         }
         text = g_string_new(NULL);
         if (content->type == JSON_VALUE_STRING)
                 append_string(text, content);
-        else if (content->type == JSON_VALUE_ARRAY && content->size > 0)
-                array_foreach(content, append_part, text);
+        else if (content->type == JSON_VALUE_ARRAY)
+                (void) json_array_foreach(content, append_part, text);
         in->prompt_words += count_words(text->str, text->len);
         if (user) {
                 g_string_free(in->reply, TRUE);
                 in->reply = TAKE_PTR(text);
                 in->reply_span = (JsonSpan) {};
         }
+        return 0;
 }
 
 static int echo_read_request(const char *body, size_t body_size, EchoInput *ret) {
@@ -186,7 +127,7 @@ static int echo_read_request(const char *body, size_t body_size, EchoInput *ret)
                 g_string_free(in.reply, TRUE);
                 return -EINVAL;
         }
-        array_foreach(&top.values[0], read_message, &in);
+        (void) json_array_foreach(&top.values[0], read_message, &in);
         if (in.reply_span.size >= 2)
                 /* One byte more than is echoed, so that a cut is seen. */
                 g_string_append_len(in.reply, in.reply_span.data + 1,

@@ -450,3 +450,60 @@ int json_span_to_uint64(const JsonSpan *s, uint64_t *ret) {
         *ret = v;
         return 0;
 }
+
+static bool is_json_space(char c) {
+        return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+/* Past the string that starts at p (its opening quote), in valid JSON: the next quote with an
+ * even number of backslashes before it. memchr() finds candidates fast in long strings. */
+static const char *skip_string_fast(const char *p, const char *end) {
+        for (p++; p < end;) {
+                const char *q = memchr(p, '"', (size_t) (end - p)), *b;
+
+                if (!q)
+                        return end;
+                for (b = q; b > p && b[-1] == '\\'; b--)
+                        ;
+                if ((q - b) % 2 == 0)
+                        return q + 1;
+                p = q + 1;
+        }
+        return end;
+}
+
+int json_array_foreach(const JsonSpan *array, JsonElementFunc func, void *userdata) {
+        const char *p, *end, *start = NULL;
+        unsigned depth = 0;
+
+        if (array->type != JSON_VALUE_ARRAY || array->size < 2)
+                return 0;
+        /* Valid JSON: an element ends at a comma outside strings and nested values, or at the
+         * array's own ']'. */
+        end = array->data + array->size - 1;
+        for (p = array->data + 1; p <= end; p++) {
+                if (!start) {
+                        if (is_json_space(*p) || p == end)
+                                continue;
+                        start = p;
+                }
+                if (*p == '"')
+                        p = skip_string_fast(p, end) - 1;
+                else if (*p == '{' || *p == '[')
+                        depth++;
+                else if ((*p == '}' || *p == ']') && depth > 0)
+                        depth--;
+                else if ((*p == ',' && depth == 0) || p == end) {
+                        const char *e = p;
+                        int r;
+
+                        while (e > start && is_json_space(e[-1]))
+                                e--;
+                        r = func(start, (size_t) (e - start), userdata);
+                        if (r < 0)
+                                return r;
+                        start = NULL;
+                }
+        }
+        return 0;
+}

@@ -50,3 +50,9 @@ bool json_span_equal(const JsonSpan *s, const char *name);
 char *json_span_to_string(const JsonSpan *s);
 /* A non-negative integer number span; -ERANGE if it does not fit, -EINVAL if not an integer. */
 int json_span_to_uint64(const JsonSpan *s, uint64_t *ret);
+
+/* Calls func for each element of an array span that json_scan() has validated (a member's value),
+ * in order, with the element's bytes without the whitespace around them. Stops at the first
+ * negative return of func and returns it; 0 after the last element. */
+typedef int (*JsonElementFunc)(const char *data, size_t size, void *userdata);
+int json_array_foreach(const JsonSpan *array, JsonElementFunc func, void *userdata);

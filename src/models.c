@@ -125,10 +125,6 @@ static int entry_member(const JsonSpan *key, const JsonSpan *value, void *userda
         return 0;
 }
 
-static bool is_space(char c) {
-        return c == ' ' || c == '\t' || c == '\n' || c == '\r';
-}
-
 static void append_separator(GString *out) {
         if (out->len > 0 && out->str[out->len - 1] != '[')
                 g_string_append_c(out, ',');
@@ -151,50 +147,30 @@ static bool visit_entry(const char *entry, size_t size, EntryFunc func, void *us
         return func(entry, size, id, e.have_provider, userdata);
 }
 
+typedef struct ListVisit {
+        EntryFunc func;
+        void *userdata;
+        int n;
+} ListVisit;
+
+static int list_element(const char *data, size_t size, void *userdata) {
+        ListVisit *v = userdata;
+
+        if (visit_entry(data, size, v->func, v->userdata))
+                v->n++;
+        return 0;
+}
+
 /* Calls func for each entry of an OpenAI list with a valid id, in order; returns how many it
  * took (returned true for), or -EINVAL if body is not such a list. */
 static int models_list_foreach(const char *body, size_t size, EntryFunc func, void *userdata) {
         ListScan l = {};
-        const char *p, *end, *start = NULL;
-        unsigned depth = 0;
-        bool in_string = false;
-        int n = 0;
+        ListVisit v = { .func = func, .userdata = userdata };
 
         if (json_scan(body, size, list_member, &l, NULL) < 0 || !l.have_data || l.data.type != JSON_VALUE_ARRAY)
                 return -EINVAL;
-
-        /* The array is valid JSON (json_scan() said so): its elements end at the commas outside
-         * strings and nested values. */
-        end = l.data.data + l.data.size - 1; /* its ']' */
-        for (p = l.data.data + 1; p <= end; p++) {
-                if (in_string) {
-                        if (*p == '\\')
-                                p++;
-                        else if (*p == '"')
-                                in_string = false;
-                        continue;
-                }
-                if (!start) {
-                        if (is_space(*p) || p == end)
-                                continue;
-                        start = p;
-                }
-                if (*p == '"')
-                        in_string = true;
-                else if (*p == '{' || *p == '[')
-                        depth++;
-                else if ((*p == '}' || *p == ']') && depth > 0)
-                        depth--;
-                else if ((*p == ',' && depth == 0) || p == end) {
-                        const char *e = p;
-                        while (e > start && is_space(e[-1]))
-                                e--;
-                        if (visit_entry(start, (size_t) (e - start), func, userdata))
-                                n++;
-                        start = NULL;
-                }
-        }
-        return n;
+        (void) json_array_foreach(&l.data, list_element, &v);
+        return v.n;
 }
 
 typedef struct AppendCtx {

@@ -228,6 +228,46 @@ static void random_value(GString *s, GRand *rand, int depth) {
         }
 }
 
+static int collect_element(const char *data, size_t size, void *userdata) {
+        GPtrArray *out = userdata;
+
+        g_ptr_array_add(out, g_strndup(data, size));
+        return out->len == 99 ? -ECANCELED : 0;
+}
+
+static int take_array(const JsonSpan *key, const JsonSpan *value, void *userdata) {
+        *(JsonSpan *) userdata = *value;
+        return 0;
+}
+
+START_TEST(test_array_foreach) {
+        static const char body[] =
+                "{\"a\": [ 1 , \"x,]\\\"y\" ,{\"k\":[2,3],\"s\":\"}\\\\\"}, [ [] ],\"\\\\\",true\n]}";
+        g_autoptr(GPtrArray) out = g_ptr_array_new_with_free_func(g_free);
+        JsonSpan a = {};
+
+        ck_assert_int_ge(json_scan(body, strlen(body), take_array, &a, NULL), 0);
+        ck_assert_int_eq(json_array_foreach(&a, collect_element, out), 0);
+        ck_assert_uint_eq(out->len, 6);
+        ck_assert_str_eq(out->pdata[0], "1");
+        ck_assert_str_eq(out->pdata[1], "\"x,]\\\"y\"");
+        ck_assert_str_eq(out->pdata[2], "{\"k\":[2,3],\"s\":\"}\\\\\"}");
+        ck_assert_str_eq(out->pdata[3], "[ [] ]");
+        ck_assert_str_eq(out->pdata[4], "\"\\\\\"");
+        ck_assert_str_eq(out->pdata[5], "true");
+
+        /* Empty, and a callback that stops it. */
+        g_ptr_array_set_size(out, 0);
+        ck_assert_int_ge(json_scan("{\"a\":[ ]}", 9, take_array, &a, NULL), 0);
+        ck_assert_int_eq(json_array_foreach(&a, collect_element, out), 0);
+        ck_assert_uint_eq(out->len, 0);
+        g_ptr_array_set_size(out, 98);
+        ck_assert_int_ge(json_scan("{\"a\":[1,2]}", 11, take_array, &a, NULL), 0);
+        ck_assert_int_eq(json_array_foreach(&a, collect_element, out), -ECANCELED);
+        ck_assert_uint_eq(out->len, 99);
+}
+END_TEST
+
 START_TEST(test_random_against_json_glib) {
         g_autoptr(GRand) rand = g_rand_new_with_seed(4242);
 
@@ -267,6 +307,7 @@ static Suite *json_scan_suite(void) {
         tcase_add_test(tc, test_no_members_for_arrays);
         tcase_add_test(tc, test_callback_stops_scan);
         tcase_add_test(tc, test_span_helpers);
+        tcase_add_test(tc, test_array_foreach);
         tcase_add_test(tc, test_random_against_json_glib);
         suite_add_tcase(s, tc);
         return s;
